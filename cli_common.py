@@ -1,0 +1,140 @@
+"""Flags shared by measure_throughput.py and trainloop_gpu_finetuned.py, with one meaning each.
+
+Both scripts call `add_shared_args`, so a setting named in the benchmark means exactly the same thing in
+the trainer, and `speed_settings` names the settings whose change invalidates a benchmark result.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default in --help and keeps the module docstring's examples as written."""
+
+
+def add_shared_args(parser: argparse.ArgumentParser) -> None:
+    """Add the data, model, precision and device flags that both scripts share."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="ARC tasks: a *_challenges.json (Kaggle), one tasks JSON, a folder of <task>.json, "
+                           "or a built-in set: arc-agi-2, arc-agi-2:evaluation, arc-agi-1, arc-agi-1:evaluation "
+                           "(default: data/training.json if present, else arc-agi-2)")
+    data.add_argument("--solutions", default=None,
+                      help="Kaggle *_solutions.json (default: found beside the challenges file)")
+    data.add_argument("--strict", action="store_true",
+                      help="stop at the first invalid task instead of skipping it with a warning")
+    data.add_argument("--max-length", type=positive_int, default=8192,
+                      help="longest sample in tokens; longer ones drop demonstrations until they fit")
+    data.add_argument("--batch-size", type=positive_int, default=1,
+                      help="samples per batch (length-grouped so padding stays small)")
+    data.add_argument("--tokens-per-batch", type=positive_int, default=None,
+                      help="pack samples into rows of this many tokens instead of --batch-size samples")
+    data.add_argument("--no-augment", dest="augment", action="store_false",
+                      help="turn off training augmentation (rotations/flips, colour permutations, demo order)")
+    data.add_argument("--seed", type=int, default=0, help="seed for augmentation, order and initialisation")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-name", default=DEFAULT_MODEL,
+                       help="Hugging Face model id or local checkpoint folder; 'tiny' for a 2-layer test model")
+    model.add_argument("--random-init", action="store_true",
+                       help="build the named architecture from its bundled config with random weights "
+                            "(no download; same speed as the real weights)")
+    model.add_argument("--lora-rank", type=non_negative_int, default=0,
+                       help="train LoRA adapters of this rank instead of all weights (0: full fine-tuning)")
+    model.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, ~30%% slower")
+    model.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                       help="attention kernel (eager overflows in fp16 on Qwen2)")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a model repository's own Python code to run (off unless asked)")
+
+    run = parser.add_argument_group("device and precision")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                     help="auto: bf16 where native, fp16 + GradScaler on GPUs without bf16 (T4), fp32 on CPU")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate (AdamW)")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    optim.add_argument("--grad-accum", type=positive_int, default=1,
+                       help="batches per optimizer step (gradient accumulation)")
+    optim.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping norm")
+    optim.add_argument("--warmup-steps", type=non_negative_int, default=100,
+                       help="linear warm-up optimizer steps before the cosine decay")
+
+
+def validate_shared_args(args: argparse.Namespace) -> list[str]:
+    """Problems with the shared flags, all of them, so the user fixes everything in one go."""
+    problems = []
+    if args.tokens_per_batch is not None and args.batch_size != 1:
+        problems.append("--batch-size and --tokens-per-batch exclude each other; give one")
+    if args.tokens_per_batch is not None and args.tokens_per_batch < args.max_length:
+        problems.append(f"--tokens-per-batch ({args.tokens_per_batch}) must be at least --max-length "
+                        f"({args.max_length}) so the longest sample fits in a row")
+    if args.device != "auto" and args.device != "cpu" and not _is_cuda_spec(args.device):
+        problems.append(f"--device {args.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if args.random_init and args.model_name == "tiny":
+        pass  # tiny is always randomly initialised; allowed for symmetry
+    return problems
+
+
+def _is_cuda_spec(text: str) -> bool:
+    if text == "cuda":
+        return True
+    prefix, _, index = text.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def speed_settings(args: argparse.Namespace, device_name: str, precision: str, world_size: int = 1) -> dict[str, Any]:
+    """The settings that change how long a step takes; a benchmark result only applies when they match."""
+    return {
+        "device": device_name,
+        "precision": precision,
+        "world_size": world_size,
+        "model_name": args.model_name,
+        "lora_rank": args.lora_rank,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "attn_implementation": args.attn_implementation,
+        "batch_size": args.batch_size,
+        "tokens_per_batch": args.tokens_per_batch,
+        "max_length": args.max_length,
+        "grad_accum": args.grad_accum,
+        "augment": args.augment,
+        "data": args.data,
+    }
