@@ -1,0 +1,321 @@
+"""model.py on CPU: loading (real from_pretrained path on a local tiny checkpoint), the compact vocabulary,
+saving, LoRA, packed attention, generation and the FLOP count."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import arc_dataset as data
+import model as M
+import training as T
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A byte-level vocabulary like Qwen's ("Ċ" is the newline), ordered so that no symbol keeps its compact id.
+PRETRAINED_TOKENS = ["<unk>", "a", "7", "Ċ", "b", "3", "I", "0", "1", "2", "O", "4", "5", "6", "8", "9", "cd",
+                     "<|endoftext|>", "<|im_end|>"]
+ENDOFTEXT, IM_END = 17, 18
+
+
+def save_pretrained_checkpoint(folder: Path, tied: bool) -> torch.nn.Module:
+    """A tiny Qwen2 'pretrained' checkpoint plus a locally built tokenizer, as a Hub download would look."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+    vocab = {token: i for i, token in enumerate(PRETRAINED_TOKENS)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    config = Qwen2Config(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                         bos_token_id=ENDOFTEXT, eos_token_id=IM_END)
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(config)
+    original.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return original
+
+
+def expected_source_ids() -> list[int]:
+    """Pretrained id per compact symbol: spelled symbols through the vocabulary, then bos (the config's,
+    since the tokenizer has none), eos and pad from the tokenizer."""
+    index = {token: i for i, token in enumerate(PRETRAINED_TOKENS)}
+    spelled = [index[str(d)] for d in range(10)] + [index["Ċ"], index["I"], index["O"]]
+    return spelled + [ENDOFTEXT, IM_END, ENDOFTEXT]
+
+
+def make_batch(rows: list[list[int]], target_start: int) -> data.Batch:
+    ids = torch.tensor(rows)
+    labels = ids.clone()
+    labels[:, :target_start] = data.IGNORE_INDEX
+    positions = torch.arange(ids.shape[1]).expand_as(ids).clone()
+    return data.Batch(ids, labels, positions, None, None, ids.numel(), int((labels != data.IGNORE_INDEX).sum()),
+                      [("t", i) for i in range(len(rows))])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run far faster on one thread (no OpenMP contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return M.load_model(M.ModelSettings("tiny"))
+
+
+def test_tiny_preset_is_a_compact_tied_qwen2_with_sdpa(tiny):
+    assert type(tiny).__name__ == "Qwen2ForCausalLM"
+    assert tiny.config.vocab_size == data.VOCAB_SIZE == 16
+    assert tiny.config.num_hidden_layers == 2 and tiny.config.hidden_size == 64
+    assert tiny.config._attn_implementation == "sdpa"
+    assert tiny.get_input_embeddings().weight is tiny.get_output_embeddings().weight
+    assert tiny(input_ids=torch.tensor([[data.BOS, data.INPUT, 3]])).logits.shape == (1, 3, 16)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_pretrained_load_slices_rows_from_the_tokenizers_tokens(tmp_path, tied):
+    original = save_pretrained_checkpoint(tmp_path, tied)
+    model = M.load_model(M.ModelSettings(str(tmp_path)))
+    source = expected_source_ids()
+
+    assert model.config.vocab_size == 16 and model.config.tie_word_embeddings == tied
+    assert model.config.eos_token_id == data.EOS
+    assert torch.equal(model.get_input_embeddings().weight, original.get_input_embeddings().weight[source])
+    assert torch.equal(model.get_output_embeddings().weight, original.get_output_embeddings().weight[source])
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
+    if not tied:  # the untied output rows really are the output layer's own, not the embedding's
+        assert not torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
+    # The compact model computes exactly what the full one does on those tokens, restricted to them.
+    compact_ids = torch.tensor([[data.BOS, data.INPUT, 3, 1, data.ROW_END, data.OUTPUT, 7, data.EOS]])
+    full_ids = torch.tensor(source)[compact_ids]
+    with torch.no_grad():
+        expected = original(input_ids=full_ids).logits[..., source]
+        got = model(input_ids=compact_ids).logits
+    torch.testing.assert_close(got, expected)
+
+
+def test_tokenizer_that_cannot_spell_a_symbol_is_a_user_error():
+    class NoNewline:
+        bos_token_id, eos_token_id, pad_token_id = None, 1, 1
+
+        def encode(self, text, add_special_tokens=False):
+            return [] if text == "\n" else [2]
+
+    class Config:
+        bos_token_id = eos_token_id = 1
+
+    with pytest.raises(UserError, match="cannot spell"):
+        M.symbol_token_ids(NoNewline(), Config())
+
+
+def test_unfetchable_model_names_it_and_the_offline_alternatives():
+    code = ("import model, errors\n"
+            "try:\n    model.load_model(model.ModelSettings('Qwen/Qwen2.5-7B-Instruct'))\n"
+            "except errors.UserError as e:\n    print('USER:', e)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(ROOT / ".pytest_cache" / "empty-hf-home"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    line = [l for l in result.stdout.splitlines() if l.startswith("USER:")]
+    assert len(line) == 1, result.stdout + result.stderr
+    assert "'Qwen/Qwen2.5-7B-Instruct'" in line[0] and "HF_HUB_OFFLINE" in line[0]
+    assert "--random-init" in line[0] and "local" in line[0] and "tiny" in line[0]
+
+
+def test_random_init_without_a_config_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no bundled config.*tiny"):
+        M.load_model(M.ModelSettings(str(tmp_path / "missing"), random_init=True))
+
+
+def test_bundled_configs_cover_the_guides_models():
+    from transformers import AutoConfig
+    bundled = M.bundled_configs()
+    for name in ["Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B", "Qwen/Qwen1.5-0.5B",
+                 "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen3-0.6B"]:
+        config = AutoConfig.for_model(**json.loads(bundled[name].read_text()))
+        assert config.model_type in ("qwen2", "qwen3") and config.vocab_size == 151936
+
+
+def test_random_init_builds_the_real_architecture_with_the_compact_vocabulary():
+    model = M.load_model(M.ModelSettings("Qwen/Qwen2.5-0.5B-Instruct", random_init=True))
+    total, trainable = M.count_parameters(model)
+    # 494M with the full vocabulary; 151936 - 16 rows of 896 go (tied: one matrix).
+    assert total == trainable == 494_032_768 - (151_936 - 16) * 896
+    assert model.config._attn_implementation == "sdpa" and model.config.vocab_size == 16
+
+
+def test_save_and_load_round_trip_is_exact_and_atomic(tmp_path, tiny):
+    ids = torch.tensor([[data.BOS, data.INPUT, 1, 2, data.ROW_END, data.OUTPUT, 2, 1, data.ROW_END]])
+    target = tmp_path / "final"
+    M.save_model(tiny, target, {"lr": 0.001, "model_name": "tiny"})
+    M.save_model(tiny, target, {"lr": 0.002, "model_name": "tiny"})  # replaces the folder whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temp or old folders left
+    assert {"config.json", "model.safetensors", M.VOCAB_FILE, M.SETTINGS_FILE} <= {p.name for p in target.iterdir()}
+    assert M.load_run_settings(target)["lr"] == 0.002
+
+    loaded = M.load_saved_model(target)
+    assert loaded.get_input_embeddings().weight is loaded.get_output_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, tiny(input_ids=ids).logits)
+    # A saved folder is also a valid --model-name.
+    again = M.load_model(M.ModelSettings(str(target)))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, tiny(input_ids=ids).logits)
+
+
+def test_loading_a_folder_that_is_not_a_saved_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a saved ARC model"):
+        M.load_saved_model(tmp_path)
+
+
+def lora_model(rank: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return M.load_model(M.ModelSettings("tiny", lora_rank=rank))
+
+
+def test_lora_trains_only_adapters_and_the_compact_vocabulary():
+    model = lora_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or "embed_tokens" in n for n in trainable), trainable
+    assert any("q_proj.lora_A" in n for n in trainable) and any("down_proj.lora_B" in n for n in trainable)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # still tied
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = T.build_optimizer(model, lr=1e-2)
+    step = T.TrainStep(model, optimizer, T.build_scheduler(optimizer, 10, 0), T.FP32, torch.device("cpu"))
+    batch = make_batch([[data.BOS, data.INPUT, 1, 2, data.ROW_END, data.OUTPUT, 2, 1, data.ROW_END, data.EOS]], 6)
+    for _ in range(2):  # two steps: lora_A only gets a gradient once lora_B has left zero
+        step(batch)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+def test_lora_model_saves_merged_and_leaves_the_live_model_alone(tmp_path):
+    model = lora_model()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    ids = torch.tensor([[data.BOS, data.INPUT, 4, 5, data.ROW_END, data.OUTPUT]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    M.save_model(model, tmp_path / "lora", {})
+    assert M.is_lora(model) and any("lora_A" in n for n, _ in model.named_parameters())
+    loaded = M.load_saved_model(tmp_path / "lora")
+    assert not M.is_lora(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_unpacked_logits(attn):
+    torch.manual_seed(0)
+    model = M.load_model(M.ModelSettings("tiny", attn_implementation=attn)).eval()
+    first = [data.BOS, data.INPUT, 1, 2, data.ROW_END, data.OUTPUT, 3]
+    second = [data.BOS, data.INPUT, 7, data.ROW_END, data.OUTPUT]
+    padding = [data.PAD] * 3
+    row = torch.tensor([first + second + padding])
+    positions = torch.tensor([list(range(7)) + list(range(5)) + list(range(3))])
+    segments = torch.tensor([[1] * 7 + [2] * 5 + [0] * 3])
+    packed = data.Batch(row, row.clone(), positions, None, segments, 12, 0, [])
+    with torch.no_grad():
+        logits = model(**M.model_inputs(packed, attn)).logits[0]
+        alone_1 = model(input_ids=torch.tensor([first])).logits[0]
+        alone_2 = model(input_ids=torch.tensor([second])).logits[0]
+    assert torch.isfinite(logits).all()  # padding rows are not fully masked
+    torch.testing.assert_close(logits[:7], alone_1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[7:12], alone_2, rtol=1e-5, atol=1e-5)
+    # Without the mask the second sample would see the first: the test can tell the difference.
+    with torch.no_grad():
+        leaky = model(input_ids=row, position_ids=positions, attention_mask=torch.ones_like(row)).logits[0]
+    assert not torch.allclose(leaky[7:12], alone_2, atol=1e-4)
+
+
+def test_padded_batch_logits_equal_single_sample_logits(tiny):
+    tiny.eval()
+    long = [data.BOS, data.INPUT, 1, 2, data.ROW_END, data.OUTPUT, 3, 4]
+    short = [data.BOS, data.INPUT, 5, data.ROW_END, data.OUTPUT]
+    ids = torch.tensor([long, short + [data.PAD] * 3])
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    batch = data.Batch(ids, ids.clone(), torch.arange(8).expand(2, 8).clone(), mask, None, 13, 0, [])
+    with torch.no_grad():
+        logits = tiny(**M.model_inputs(batch)).logits
+        torch.testing.assert_close(logits[1, :5], tiny(input_ids=torch.tensor([short])).logits[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_with_the_cache_matches_recomputing_and_stays_in_the_grid_alphabet(tiny):
+    prompt = torch.tensor([data.BOS, data.INPUT, 1, 2, data.ROW_END, data.OUTPUT])
+    tokens = M.generate_tokens(tiny, prompt, max_new_tokens=40)
+    assert 0 < len(tokens) <= 40
+    assert all(t < 10 or t in (data.ROW_END, data.EOS) for t in tokens)
+    ids = prompt.tolist()
+    with torch.no_grad():  # the slow way: re-run the whole sequence for every token
+        for _ in tokens:
+            logits = tiny(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits[~M.GENERATABLE] = -float("inf")
+            ids.append(int(logits.argmax()))
+    assert ids[len(prompt):] == tokens
+    assert tiny.training  # generation restores the mode it found
+
+
+def test_generation_is_capped_at_the_largest_grid(tiny, monkeypatch):
+    never_eos = M.GENERATABLE.clone()
+    never_eos[data.EOS] = False
+    monkeypatch.setattr(M, "GENERATABLE", never_eos)
+    prompt = torch.tensor([data.BOS, data.INPUT, 1, data.ROW_END, data.OUTPUT])
+    assert len(M.generate_tokens(tiny, prompt, 10_000)) == M.MAX_GRID_TOKENS == 931
+    assert M.generate_grid(tiny, prompt, 5) is None  # no EOS: malformed
+
+
+def test_decode_tokens():
+    grid = M.decode_tokens([1, 2, data.ROW_END, 3, 4, data.ROW_END, data.EOS])
+    assert grid.dtype == np.uint8 and grid.tolist() == [[1, 2], [3, 4]]
+    for bad in ([1, 2, data.ROW_END, 3, data.ROW_END], [1, 2], [data.ROW_END], [1, data.INPUT, data.ROW_END]):
+        with pytest.raises(ValueError):
+            M.decode_tokens(bad)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = make_batch([[data.BOS, data.INPUT, 1, 2, data.ROW_END, data.OUTPUT, 2, 1, data.ROW_END, data.EOS]], 6)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = M.load_model(M.ModelSettings("tiny", gradient_checkpointing=checkpointing))
+        assert model.is_activation_checkpointing == checkpointing
+        model.train()
+        T.forward_loss(model, batch, T.FP32).backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_parameter_count_and_flops(tiny):
+    total, trainable = M.count_parameters(tiny)
+    assert total == trainable == sum(p.numel() for n, p in tiny.named_parameters())  # tied matrix once
+    assert total == 16 * 64 + 2 * (4 * 64 * 64 + 3 * 64 + 3 * 64 * 256 + 2 * 64) + 64
+    assert M.flops_per_token(tiny, 100) == 6 * total + 12 * 2 * 4 * 16 * 100
+    lora = lora_model()
+    assert M.count_parameters(lora)[1] < M.count_parameters(lora)[0]
+
+
+def test_settings_from_the_shared_flags():
+    import argparse
+    import cli_common
+    parser = argparse.ArgumentParser()
+    cli_common.add_shared_args(parser)
+    args = parser.parse_args(["--model-name", "tiny", "--lora-rank", "8", "--gradient-checkpointing",
+                              "--attn-implementation", "eager"])
+    assert M.ModelSettings.from_args(args) == M.ModelSettings("tiny", lora_rank=8, gradient_checkpointing=True,
+                                                              attn_implementation="eager")

@@ -1,0 +1,278 @@
+"""The one training step and the one device/precision helper that the benchmark and the trainer share.
+
+The benchmark times exactly this code, so its projection holds for the trainer:
+
+    device = resolve_device("auto")                  # cuda if present, else cpu
+    precision = resolve_precision(device, "auto")    # T4: fp16 + GradScaler; A100/H100: bf16; CPU: fp32
+    model = load_model(settings).to(device)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.0)
+    scheduler = build_scheduler(optimizer, total_steps=1000, warmup_steps=100)
+    step = TrainStep(model, optimizer, scheduler, precision, device, grad_accum=1)
+    for batch in batches:
+        out = step(batch)        # no host sync: out.loss is a device tensor; read it at log time
+
+Precision choices (FACTS: the T4 has no native bf16, and emulated bf16 is ~4x slower than fp16 there):
+- auto: bf16 autocast where the GPU has it natively (compute capability >= 8.0), fp16 autocast with fp32
+  master weights and a dynamic GradScaler on older GPUs, fp32 on CPU.
+- --precision bf16 on a GPU without native bf16 runs (emulated) with a warning; fp16 on an Ampere+ GPU runs
+  with the scaler; fp16 on CPU is a UserError (no GradScaler path worth having there); bf16 on CPU runs
+  with a warning (~5x slower matmuls than fp32 on the measured CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import arc_dataset as data
+from errors import UserError
+from model import attention_implementation, model_inputs
+
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+
+# ------------------------------------------------------------------------------------ device / precision
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a torch.device; asking for CUDA where there is none is a UserError.
+
+    A CUDA device also becomes the current device, so allocations and capability checks refer to it.
+    """
+    spec = spec.strip().lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    prefix, _, index = spec.partition(":")
+    if prefix != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"--device {spec}: {why}; use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    number = int(index) if index else torch.cuda.current_device()
+    if number >= count:
+        raise UserError(f"--device {spec}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    torch.cuda.set_device(number)
+    return torch.device("cuda", number)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the step computes: autocast dtype (None: plain fp32) and whether a GradScaler guards fp16."""
+    name: str
+    autocast_dtype: torch.dtype | None
+    use_grad_scaler: bool
+
+
+FP32 = Precision("fp32", None, False)
+BF16 = Precision("bf16", torch.bfloat16, False)
+FP16 = Precision("fp16", torch.float16, True)
+
+
+def resolve_precision(device: torch.device, requested: str = "auto") -> Precision:
+    """The precision to train in on `device`; weights stay fp32 (master copies) in every mode."""
+    if requested not in PRECISIONS:
+        raise UserError(f"--precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        if requested == "fp16":
+            raise UserError("--precision fp16 needs a CUDA GPU; on CPU use fp32 (the default)")
+        if requested == "bf16":
+            warnings.warn("bf16 on CPU: matmuls run ~5x slower than fp32 on typical CPUs", stacklevel=2)
+            return BF16
+        return FP32
+    # torch's check looks at the current device; resolve_device made `device` current.
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if requested == "auto":
+        return BF16 if native_bf16 else FP16
+    if requested == "bf16" and not native_bf16:
+        major, minor = torch.cuda.get_device_capability(device)
+        warnings.warn(f"bf16 on a GPU of compute capability {major}.{minor} is emulated (~4x slower than fp16 "
+                      f"on a T4); --precision fp16 is the fast choice here", stacklevel=2)
+    return {"bf16": BF16, "fp16": FP16, "fp32": FP32}[requested]
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    """Name, memory and compute capability (GPU) or thread count (CPU), for banners and result files."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device),
+                "total_memory_gb": round(props.total_memory / 2**30, 1),
+                "compute_capability": f"{major}.{minor}", "cuda": torch.version.cuda}
+    return {"type": device.type, "name": _cpu_name(), "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+# ---------------------------------------------------------------------------------- optimizer / schedule
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; decay on matrices only (not biases or norms).
+
+    Build it after moving the model to its device: on CUDA it uses the fused kernel, which also lets the
+    GradScaler skip an inf/NaN step without a host sync.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             fused=fused or None)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak lr over `warmup_steps` optimizer steps, then cosine decay to
+    `min_lr_ratio` x peak at `total_steps` (and held there if training runs longer)."""
+    total_steps = max(1, total_steps)
+    warmup_steps = min(warmup_steps, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+def autocast(device: torch.device, precision: Precision):
+    """The autocast context for `precision` (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast_dtype is not None)
+
+
+def forward_loss(model: nn.Module, batch: data.Batch, precision: Precision) -> torch.Tensor:
+    """Mean cross-entropy over the labelled (output-grid) tokens, next-token shifted; fp32 loss."""
+    device = batch.input_ids.device
+    with autocast(device, precision):
+        logits = model(**model_inputs(batch, attention_implementation(model))).logits
+    # The 16-symbol vocabulary keeps these logits tiny, so the fp32 upcast costs nothing.
+    logits = logits[:, :-1].float()
+    labels = batch.labels[:, 1:]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=data.IGNORE_INDEX)
+
+
+@dataclass
+class StepOutput:
+    """What one call of TrainStep reports; tensors stay on the device until the caller logs them."""
+    loss: torch.Tensor                 # detached mean loss of this batch (not divided by grad_accum)
+    num_tokens: int                    # real (non-pad) input tokens
+    num_target_tokens: int             # tokens that carried a label
+    optimizer_stepped: bool            # True on the gradient-accumulation boundary
+    grad_norm: torch.Tensor | None = None  # pre-clipping norm on the boundary, else None
+
+
+class TrainStep:
+    """Forward (autocast), backward through the GradScaler, and on every `grad_accum`-th call: unscale,
+    clip, optimizer step (skipped by the scaler on inf/NaN), scaler update, scheduler step, zero grads.
+
+    Nothing here reads a value back to the host, so the GPU runs ahead of Python. `skipped_steps` counts
+    optimizer steps whose gradients were not finite, in a device tensor: read it at log time. With fp16 the
+    scaler skips those steps (and lowers its scale); with bf16/fp32 there is no scaler, so such a step is
+    applied and the count is the warning that the run diverged.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, precision: Precision,
+                 device: torch.device, grad_accum: int = 1, max_grad_norm: float = 1.0):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.precision = precision
+        self.device = device
+        self.grad_accum = grad_accum
+        self.max_grad_norm = max_grad_norm
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+        self.micro_steps = 0        # batches seen
+        self.optimizer_steps = 0    # accumulation boundaries reached (including skipped ones)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, batch: data.Batch) -> StepOutput:
+        batch = batch.to(self.device)
+        self.model.train()
+        stepped = (self.micro_steps + 1) % self.grad_accum == 0
+        # Under DDP, gradients are all-reduced only on the accumulation boundary.
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if no_sync is not None and not stepped else contextlib.nullcontext():
+            loss = forward_loss(self.model, batch, self.precision)
+            self.scaler.scale(loss / self.grad_accum).backward()
+        self.micro_steps += 1
+        grad_norm = None
+        if stepped:
+            grad_norm = self._optimizer_step()
+        return StepOutput(loss.detach(), batch.num_tokens, batch.num_target_tokens, stepped, grad_norm)
+
+    def _optimizer_step(self) -> torch.Tensor:
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # inf/NaN anywhere in the gradients makes the norm non-finite; that is exactly when the scaler skips.
+        self.skipped_steps += (~torch.isfinite(grad_norm)).to(torch.int64)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with warnings.catch_warnings():
+            # The schedule advances on a skipped step too (knowing it was skipped would need a host sync);
+            # torch warns about that the first time. It costs one step of warm-up, nothing more.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return grad_norm.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scaler and counters for a checkpoint (reads skipped_steps back: checkpoint time only)."""
+        return {"scaler": self.scaler.state_dict(), "micro_steps": self.micro_steps,
+                "optimizer_steps": self.optimizer_steps, "skipped_steps": int(self.skipped_steps.item())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.micro_steps = int(state["micro_steps"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.skipped_steps.fill_(int(state["skipped_steps"]))
+
+
+# --------------------------------------------------------------------------------------- out of memory
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated memory on a CUDA device since the last reset; 0 elsewhere."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def oom_message(device: torch.device, exc: BaseException, peak_bytes: int | None = None) -> str:
+    """One line for an out-of-memory error: where, how much, and what to change."""
+    if peak_bytes is None:
+        peak_bytes = peak_memory_bytes(device)
+    where = str(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        where += f" ({peak_bytes / 2**30:.1f} GiB peak of {total / 2**30:.1f} GiB)"
+    elif peak_bytes:
+        where += f" ({peak_bytes / 2**30:.1f} GiB peak)"
+    return (f"out of memory on {where} ({type(exc).__name__}): lower --max-length (or --batch-size / --tokens-per-batch), add "
+            f"--gradient-checkpointing, use --lora-rank 16, or pick a smaller --model-name")
