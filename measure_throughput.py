@@ -1,0 +1,447 @@
+"""Time real training steps on your device, project the epoch, and recommend epochs for your time budget.
+
+It builds exactly what trainloop_gpu_finetuned.py builds from the same flags (data pipeline, model, precision,
+optimizer, the one training step in training.py), runs one step on the longest batch of the epoch (so an
+out-of-memory shows up now, not hours into training), a few untimed warm-up steps, then times --num-batches
+steps drawn in the epoch's own order, synchronising the device around each one. See throughput_report.py for
+how the epoch time is projected and how its error is estimated.
+
+    python measure_throughput.py --device cuda                                   # the guide's command
+    python measure_throughput.py --device cuda --json results.json --time-budget 2h
+    python trainloop_gpu_finetuned.py --epochs auto --time-budget 2h --throughput-json results.json
+    HF_HUB_OFFLINE=1 python measure_throughput.py --device cpu --random-init --num-batches 20
+    python measure_throughput.py --model-name tiny --device cpu --num-batches 50   # seconds, a smoke test
+
+Ctrl-C while timing prints the statistics of the batches timed so far (and writes --json), then exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import resource
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, NoReturn, Sequence
+
+import cli_common
+import throughput_report as report
+from errors import EXIT_INTERRUPTED, UserError, run_cli
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are one line (`error: ...`, exit 2) like every other user error, not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description=__doc__, formatter_class=cli_common.HelpFormatter)
+    cli_common.add_shared_args(parser)
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--num-batches", type=cli_common.positive_int, default=500,
+                       help="timed batches, drawn in the epoch's order (wrapping around a short epoch)")
+    bench.add_argument("--warmup", type=cli_common.non_negative_int, default=3,
+                       help="untimed batches first (kernel selection, allocator, loss-scale settling)")
+    bench.add_argument("--json", metavar="PATH", default=None,
+                       help="also write the result as JSON (what `trainloop_gpu_finetuned.py --epochs auto "
+                            "--throughput-json PATH` reads)")
+    bench.add_argument("--max-useful-epochs", type=cli_common.positive_int,
+                       default=report.DEFAULT_MAX_USEFUL_EPOCHS,
+                       help="returns diminish after ~5-8 epochs: recommend at most this many")
+    bench.add_argument("--time-budget", default=None, metavar="DURATION",
+                       help="your time budget (e.g. 2h, 90m): the next command then fits it")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check every flag before anything heavy loads; all problems reported at once."""
+    args = build_parser().parse_args(argv)
+    problems = cli_common.validate_shared_args(args)
+    if args.time_budget is not None:
+        try:
+            report.parse_duration(args.time_budget)
+        except ValueError as err:
+            problems.append(f"--time-budget: {err}")
+    if problems:
+        raise UserError("; ".join(problems))
+    return args
+
+
+def trainer_flags(args: argparse.Namespace) -> list[str]:
+    """The shared flags this run was given (those not at their default), to repeat them to the trainer."""
+    shared = argparse.ArgumentParser(add_help=False)
+    cli_common.add_shared_args(shared)
+    flags: list[str] = []
+    for action in shared._actions:
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            flags.append(flag)
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+@dataclass
+class Setup:
+    """Everything the timing needs, built the way the trainer builds it."""
+    args: argparse.Namespace
+    device: Any
+    precision: Any
+    device_info: dict[str, Any]
+    data: Any                 # arc_dataset.TrainingData
+    data_description: str
+    model: Any
+    step: Any                 # training.TrainStep
+    epoch_shapes: list[report.BatchShape]
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    import torch
+
+    import arc_dataset
+    import model as model_lib
+    import training
+
+    device = training.resolve_device(args.device)
+    precision = training.resolve_precision(device, args.precision)
+    tasks = arc_dataset.load_tasks(args.data, args.solutions, args.strict)
+    samples = arc_dataset.training_samples(tasks)
+    settings = arc_dataset.DataSettings(max_length=args.max_length, batch_size=args.batch_size,
+                                        tokens_per_batch=args.tokens_per_batch, augment=args.augment,
+                                        seed=args.seed)
+    data = arc_dataset.TrainingData(samples, settings)
+    if data.num_batches(0) == 0:
+        raise UserError(f"{tasks.description}: no training sample fits --max-length {args.max_length}; "
+                        f"raise --max-length")
+    # Every batch of epoch 0, as the trainer will see it: the cost model sums over these shapes.
+    epoch_shapes = [_shape(batch) for batch in data.batches(0)]
+
+    torch.manual_seed(args.seed)
+    model = model_lib.load_model(model_lib.ModelSettings.from_args(args)).to(device)
+    model.train()
+    optimizer = training.build_optimizer(model, args.lr, args.weight_decay)
+    total_steps = math.ceil(data.num_batches(0) / args.grad_accum)
+    scheduler = training.build_scheduler(optimizer, total_steps, args.warmup_steps)
+    step = training.TrainStep(model, optimizer, scheduler, precision, device, grad_accum=args.grad_accum,
+                              max_grad_norm=args.max_grad_norm)
+    info = dict(training.describe_device(device))
+    if device.type == "cuda":
+        info["total_memory_bytes"] = int(torch.cuda.get_device_properties(device).total_memory)
+    return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes)
+
+
+def _shape(batch: Any) -> report.BatchShape:
+    rows, length = batch.input_ids.shape
+    return report.BatchShape(int(rows), int(length), int(batch.num_tokens))
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+@dataclass
+class Timings:
+    """What the timing loop recorded, one entry per timed batch."""
+    positions: list[int] = field(default_factory=list)     # index of the batch in epoch 0's plan
+    batch_ms: list[float] = field(default_factory=list)    # the batch's wall time, data preparation included
+    data_ms: list[float] = field(default_factory=list)     # host: next batch + copy to the device
+    tokens: list[int] = field(default_factory=list)
+    padded_tokens: list[int] = field(default_factory=list)
+    sample_lengths: list[float] = field(default_factory=list)  # mean real tokens per sample (for FLOPs)
+    interrupted: bool = False
+
+
+class BatchClock:
+    """Per-batch wall times measured the way the trainer runs: no host sync between steps.
+
+    On CUDA an event is recorded on the stream after each step, and a batch's time is the GPU-timeline gap
+    between its event and the previous one: the GPU's compute plus any time it sat idle waiting for the host
+    (data preparation, Python, kernel launches). Summed, that is the wall time of the loop, and the host is
+    free to run ahead exactly as in training. The events are read after one synchronisation at the end.
+    On CPU every operation is synchronous, so perf_counter between steps measures the same thing.
+    """
+
+    def __init__(self, device: Any) -> None:
+        import torch
+        self.cuda = device.type == "cuda"
+        self._torch = torch
+        self.marks: list[Any] = []
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = self._torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = [self._now()]
+
+    def mark(self) -> None:
+        self.marks.append(self._now())
+
+    def durations_ms(self, count: int) -> list[float]:
+        """Milliseconds of the first `count` batches (one sync point, after timing)."""
+        marks = self.marks[: count + 1]
+        if self.cuda:
+            self._torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        return [(b - a) * 1000 for a, b in zip(marks, marks[1:])]
+
+
+def _synchronize(device: Any) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # note: a CPU-GPU sync point
+
+
+def _epoch_batches(data: Any, start: int) -> Iterator[tuple[int, Any]]:
+    """(position, batch) of epoch 0 from `start`, wrapping around: the order the trainer draws them in."""
+    total = data.num_batches(0)
+    position = start % total
+    while True:
+        for batch in data.batches(0, start=position):
+            yield position, batch
+            position += 1
+        position = 0
+
+
+def run_longest_batch(s: Setup) -> tuple[report.BatchShape, float]:
+    """One step on the biggest batch of the epoch, so an out-of-memory shows up in the first seconds."""
+    plan = s.data.batch_plan(0)
+    index = max(range(len(plan)), key=lambda i: s.epoch_shapes[i].rows * s.epoch_shapes[i].length)
+    encoded = s.data.encoded(0)
+    batch = s.data.collate([encoded[i] for i in plan[index]])
+    start = time.perf_counter()
+    with out_of_memory_as_user_error(s.device):
+        s.step(batch.to(s.device))
+        _synchronize(s.device)
+    return s.epoch_shapes[index], (time.perf_counter() - start) * 1000
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(device: Any) -> Iterator[None]:
+    """Turn an out-of-memory error into training.oom_message's one line (peak memory, what to change)."""
+    import torch
+
+    import training
+    try:
+        yield
+    except Exception as exc:  # the CUDA caching allocator's OutOfMemoryError, or a CPU allocation failure
+        if not (isinstance(exc, torch.cuda.OutOfMemoryError)
+                or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())):
+            raise
+        raise UserError(training.oom_message(device, exc, _peak_memory(device)[0])) from None
+
+
+def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) -> Timings:
+    """Run `warmup` untimed then `num_batches` timed steps; Ctrl-C stops early, keeping what was timed."""
+    batches = _epoch_batches(s.data, 0)
+    for _ in range(warmup):
+        _, batch = next(batches)
+        s.step(batch.to(s.device))
+    _synchronize(s.device)  # the timed window starts with an idle device
+    if on_start:
+        on_start()
+    clock = BatchClock(s.device)
+    records: list[tuple[int, float, int, int, float]] = []
+    interrupted = False
+    clock.start()
+    try:
+        for _ in range(num_batches):
+            start = time.perf_counter()
+            position, batch = next(batches)
+            batch = batch.to(s.device)
+            data_ms = (time.perf_counter() - start) * 1000
+            s.step(batch)
+            clock.mark()
+            rows, length = batch.input_ids.shape
+            # One append per batch, after its mark, so an interrupt cannot leave the lists out of step.
+            records.append((position, data_ms, batch.num_tokens, int(rows * length),
+                            batch.num_tokens / max(1, len(batch.samples))))
+    except KeyboardInterrupt:
+        if not records:
+            raise
+        interrupted = True
+    timings = Timings(interrupted=interrupted)
+    timings.batch_ms = clock.durations_ms(len(records))
+    for position, data_ms, tokens, padded, sample_length in records:
+        timings.positions.append(position)
+        timings.data_ms.append(data_ms)
+        timings.tokens.append(tokens)
+        timings.padded_tokens.append(padded)
+        timings.sample_lengths.append(sample_length)
+    return timings
+
+
+def _peak_memory(device: Any) -> tuple[int, int | None, str]:
+    """(peak bytes, peak reserved bytes or None, what was measured)."""
+    import torch
+    if device.type == "cuda":
+        return (int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device)),
+                "allocated by PyTorch on the GPU")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None, "process peak RSS"
+
+
+# ------------------------------------------------------------------------------------------------- result
+
+def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, float]) -> dict[str, Any]:
+    """The result object: what --json writes and what the report prints."""
+    import model as model_lib
+
+    args = s.args
+    n_epoch = len(s.epoch_shapes)
+    total_ms = timings.batch_ms
+    seconds = sum(total_ms) / 1000
+    projection = report.project_epoch(s.epoch_shapes, timings.positions, total_ms, seed=args.seed)
+    epoch_seconds = projection.seconds
+    rows = report.recommendations(epoch_seconds, n_epoch, max_useful_epochs=args.max_useful_epochs)
+    tier = report.speed_tier(epoch_seconds)
+
+    flops_cache: dict[float, float] = {}
+    model_flops = 0.0
+    for tokens, length in zip(timings.tokens, timings.sample_lengths):
+        if length not in flops_cache:
+            flops_cache[length] = model_lib.flops_per_token(s.model, length)
+        model_flops += flops_cache[length] * tokens
+    flops_per_second = model_flops / seconds
+    device_name = str(s.device_info["name"])
+    peak = report.peak_flops(device_name, s.precision.name) if s.device.type == "cuda" else None
+
+    peak_bytes, reserved_bytes, memory_kind = _peak_memory(s.device)
+    total_memory = s.device_info.get("total_memory_bytes")
+    skipped = int(s.step.skipped_steps)  # note: a sync point, once, after timing
+    best = projection.best
+    overhead_share = None
+    if best.kind != "constant":
+        overhead_share = best.model.coefficients[0] / (sum(total_ms) / len(total_ms))
+    data_share = sum(timings.data_ms) / sum(total_ms)
+    measurements = report.Measurements(
+        device_type=s.device.type, data_share=data_share,
+        memory_peak_bytes=reserved_bytes if reserved_bytes is not None else None,
+        memory_total_bytes=total_memory if s.device.type == "cuda" else None,
+        overhead_share=overhead_share, skipped_steps=skipped,
+        optimizer_steps=max(1, len(total_ms) // args.grad_accum), precision=s.precision.name,
+        drift=projection.drift, load_average=os.getloadavg()[0], cpu_count=os.cpu_count())
+
+    total, trainable = model_lib.count_parameters(s.model)
+    settings = cli_common.speed_settings(args, device_name, s.precision.name)
+    settings["data_description"] = s.data_description
+    command, why = next_command(args, rows, epoch_seconds, n_epoch, tier)
+
+    def finite(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {
+        "format": report.RESULT_FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": not timings.interrupted,
+        "interrupted": timings.interrupted,
+        "device": {**_jsonable(s.device_info), "type": s.device.type, "precision": s.precision.name},
+        "settings": settings,
+        "model": {"parameters": total, "trainable_parameters": trainable},
+        "data": {"description": s.data_description, "samples": len(s.data.encoded(0)),
+                 "samples_too_long": len(s.data.skipped(0))},
+        "warmup_batches": args.warmup,
+        "timed_batches": len(total_ms),
+        "per_batch_ms": report.Stats.of(total_ms).as_json(),
+        "data_ms": report.Stats.of(timings.data_ms).as_json(),
+        "data_share": data_share,
+        "tokens_per_second": sum(timings.tokens) / seconds,
+        "padded_tokens_per_second": sum(timings.padded_tokens) / seconds,
+        "peak_memory_bytes": peak_bytes,
+        "peak_reserved_bytes": reserved_bytes,
+        "peak_memory_kind": memory_kind,
+        "model_flops_per_second": flops_per_second,
+        "peak_flops": peak,
+        "mfu": flops_per_second / peak if peak else None,
+        "flops_formula": report.FLOPS_FORMULA,
+        "longest_batch": {"rows": longest[0].rows, "length": longest[0].length, "tokens": longest[0].tokens,
+                          "ms": longest[1]},
+        "batches_per_epoch": n_epoch,
+        "epoch_seconds": epoch_seconds,
+        "epoch_projection": {"kind": best.kind, "name": best.name, "expected_error": finite(best.expected_error),
+                             "reason": projection.reason, "extrapolated_batches": best.extrapolated_batches,
+                             "drift": projection.drift},
+        "projections": {kind: {"name": p.name, "seconds": p.seconds, "expected_error": finite(p.expected_error),
+                               "heldout_rmse_ms": p.heldout_rmse_ms, "coefficients": list(p.model.coefficients)}
+                        for kind, p in projection.projections.items()},
+        "max_useful_epochs": args.max_useful_epochs,
+        "recommendations": [asdict(r) for r in rows],
+        "tier": tier.name,
+        "tier_label": tier.label,
+        "tier_range": report.tier_range_text(tier),
+        "tier_advice": tier.advice,
+        "diagnostics": report.diagnose(measurements),
+        "skipped_steps": skipped,
+        "next_command": command,
+        "next_command_why": why,
+    }
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in info.items()}
+
+
+def next_command(args: argparse.Namespace, rows: list[report.Recommendation], epoch_seconds: float,
+                 batches_per_epoch: int, tier: report.Tier) -> tuple[str, str]:
+    """The trainer command with these settings, and why that epoch count."""
+    flags = trainer_flags(args)
+    if args.time_budget is not None:
+        hours = report.parse_duration(args.time_budget) / 3600
+        rec = report.recommend_for_budget(hours, epoch_seconds, batches_per_epoch, args.max_useful_epochs)
+        why = f"fits --time-budget {args.time_budget}: ~{report.format_hours(rec.total_hours)} of training steps"
+        if args.json:
+            why += (f"; or let the trainer read this result: --epochs auto --time-budget {args.time_budget} "
+                    f"--throughput-json {args.json}")
+    else:
+        epochs = min(tier.epochs, args.max_useful_epochs)
+        rec = report.Recommendation(0, epochs, epochs * epoch_seconds / 3600, epochs, False, None)
+        why = (f"the {tier.label.lower()} tier's suggestion, ~{report.format_hours(rec.total_hours)} of training "
+               f"steps; pass --time-budget (e.g. 2h) to fit a budget, or pick from the table")
+    if rec.max_batches is not None:
+        head = ["--epochs", "1", "--max-batches", str(max(1, rec.max_batches))]
+    else:
+        head = ["--epochs", str(rec.epochs)]
+    return shlex.join(["python", "trainloop_gpu_finetuned.py", *head, *flags]), why
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    s = setup(args)
+    info = s.device_info
+    print(f"Benchmarking {args.model_name} on {info['name']} ({s.precision.name}): {s.data_description}, "
+          f"{len(s.epoch_shapes)} batches per epoch", flush=True)
+    longest = run_longest_batch(s)
+    print(f"Longest batch of the epoch ({longest[0].rows} x {longest[0].length} tokens) fits. "
+          f"Warming up ({args.warmup} batch{'' if args.warmup == 1 else 'es'})...", flush=True)
+    with out_of_memory_as_user_error(s.device):  # fragmentation can still run out later
+        timings = time_batches(s, args.warmup, args.num_batches,
+                               on_start=lambda: print(f"Timing {args.num_batches} batches...", flush=True))
+    result = build_result(s, timings, longest)
+    print()
+    print(report.format_report(result), flush=True)
+    if args.json:
+        report.write_json_atomic(args.json, result)
+        print(f"\nResult written to {args.json}")
+    if timings.interrupted:
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,181 @@
+"""measure_throughput.py end to end on CPU with the tiny model: printed sections, the JSON, bad input, Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import cli_common
+import measure_throughput as mt
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+NUM_TASKS, PAIRS = 6, 3   # leave-one-out: 18 samples, 18 batches per epoch at batch size 1
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory) -> Path:
+    """A folder of small ARC tasks whose grid sizes differ, so batch lengths do."""
+    folder = tmp_path_factory.mktemp("tasks")
+    rng = np.random.default_rng(0)
+    for t in range(NUM_TASKS):
+        side = 2 + 2 * t
+        def grid():
+            return rng.integers(0, 10, (side, side)).tolist()
+        task = {"train": [{"input": grid(), "output": grid()} for _ in range(PAIRS)],
+                "test": [{"input": grid(), "output": grid()}]}
+        (folder / f"task{t}.json").write_text(json.dumps(task))
+    return folder
+
+
+def _env() -> dict[str, str]:
+    # One thread: on a shared 2-core machine, OpenMP threads spinning against other processes make CPU step
+    # times erratic; one thread keeps the run fast and its timings steady.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run(*flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "measure_throughput.py"), *flags], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny(tasks_dir: Path, *more: str) -> list[str]:
+    return ["--model-name", "tiny", "--device", "cpu", "--data", str(tasks_dir), *more]
+
+
+def test_cpu_run_prints_the_guides_sections_and_writes_json(tasks_dir, tmp_path):
+    out = tmp_path / "results.json"
+    run = _run(*_tiny(tasks_dir, "--num-batches", "24", "--warmup", "1", "--json", str(out)))
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    for section in ("CPU: ", "Precision: fp32", "Per-Batch Time Statistics", "Average:", "Median:", "Min:",
+                    "Max:", "Std Dev:", "p90:", "tokens/s (real input tokens", "Peak memory:", "MFU: n/a",
+                    "Projected Single Epoch Time (18 batches", "seconds", "minutes", "hours", "expected error",
+                    "Why: ", "RECOMMENDED EPOCH COUNTS", "If you have [TIME BUDGET] available:",
+                    "30 minutes       ->", "12 hours         ->", "Speed tier: Fast", "Recommended: 10 epochs",
+                    "Next command:"):
+        assert section in text, section
+    assert "1686424" not in text
+
+    result = json.loads(out.read_text())
+    for key in ("device", "settings", "per_batch_ms", "tokens_per_second", "peak_memory_bytes",
+                "batches_per_epoch", "epoch_seconds", "recommendations", "tier"):
+        assert key in result, key
+    assert set(result["per_batch_ms"]) == {"mean", "median", "min", "max", "std", "p90"}
+    assert result["batches_per_epoch"] == NUM_TASKS * PAIRS
+    assert result["timed_batches"] == 24 and result["complete"] and not result["interrupted"]
+    assert result["device"]["type"] == "cpu" and result["device"]["precision"] == "fp32"
+    assert f"Average:     {result['per_batch_ms']['mean']:.2f} ms" in text
+    assert result["tokens_per_second"] > 0 and result["peak_memory_bytes"] > 0
+    assert result["tier"] == "fast"
+
+    # The settings the trainer checks are exactly cli_common's speed settings, plus what the data resolved to.
+    args = mt.parse_args(_tiny(tasks_dir))
+    expected = cli_common.speed_settings(args, result["device"]["name"], "fp32")
+    assert {k: result["settings"][k] for k in expected} == expected
+    assert str(tasks_dir) in result["settings"]["data_description"]
+
+    # The recommended projection is the one reported, and it is bracketed by the fastest and slowest batch.
+    ms = result["per_batch_ms"]
+    assert result["epoch_seconds"] == result["projections"][result["epoch_projection"]["kind"]]["seconds"]
+    assert ms["min"] * 18 / 1000 <= result["epoch_seconds"] <= ms["max"] * 18 / 1000
+    rows = result["recommendations"]
+    assert [r["budget_hours"] for r in rows] == [0.5, 1, 2, 4, 8, 12]
+    assert all(r["epochs"] == 10 and r["capped"] for r in rows)   # a tiny epoch: the useful maximum everywhere
+    assert all(r["total_hours"] == pytest.approx(10 * result["epoch_seconds"] / 3600) for r in rows)
+
+    command = result["next_command"]
+    assert command.startswith("python trainloop_gpu_finetuned.py --epochs 10 ")
+    assert f"--data {tasks_dir}" in command and "--model-name tiny" in command and "--device cpu" in command
+    assert command in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "tpu"], "--device 'tpu' is not one of"),
+    (["--device", "cuda"], "--device cuda: "),
+    (["--num-batches", "0"], "--num-batches: must be at least 1"),
+    (["--data", "/no/such/tasks"], "/no/such/tasks: no such file or folder"),
+    (["--model-name", "no-such-org/no-such-model"], "could not load model 'no-such-org/no-such-model'"),
+    (["--time-budget", "soon"], "--time-budget: cannot read 'soon'"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(tasks_dir, flags, message):
+    if flags == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    base = ["--device", "cpu", "--model-name", "tiny", "--data", str(tasks_dir)]
+    run = _run(*base, *flags, timeout=60)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_ctrl_c_while_timing_prints_the_batches_timed_so_far(tasks_dir, tmp_path):
+    out = tmp_path / "partial.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "measure_throughput.py"),
+                             *_tiny(tasks_dir, "--num-batches", "1000000", "--warmup", "1", "--json", str(out))],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Timing "):
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    text = "".join(lines) + rest
+    assert proc.returncode == 130, err
+    assert "INTERRUPTED: statistics of the" in text and "Per-Batch Time Statistics" in text
+    assert "RECOMMENDED EPOCH COUNTS" in text
+    result = json.loads(out.read_text())
+    assert result["interrupted"] and not result["complete"] and 0 < result["timed_batches"] < 1000000
+
+
+def test_trainer_flags_repeat_every_non_default_shared_setting(tasks_dir):
+    argv = ["--data", str(tasks_dir), "--model-name", "tiny", "--device", "cpu", "--batch-size", "4",
+            "--max-length", "2048", "--no-augment", "--seed", "7", "--lora-rank", "8", "--gradient-checkpointing",
+            "--precision", "fp32", "--lr", "0.0003", "--grad-accum", "2", "--num-batches", "9"]
+    args = mt.parse_args(argv)
+    flags = mt.trainer_flags(args)
+    assert "--num-batches" not in flags and "--warmup-steps" not in flags
+    again = mt.parse_args(flags)
+    assert cli_common.speed_settings(again, "cpu", "fp32") == cli_common.speed_settings(args, "cpu", "fp32")
+    assert (again.seed, again.lr) == (7, 0.0003)
+
+
+def test_next_command_fits_the_time_budget_or_a_partial_epoch(tasks_dir):
+    args = mt.parse_args(_tiny(tasks_dir, "--time-budget", "2h", "--json", "r.json"))
+    from throughput_report import recommendations, speed_tier
+    command, why = mt.next_command(args, recommendations(1500.0, 3232), 1500.0, 3232, speed_tier(1500.0))
+    assert command.startswith("python trainloop_gpu_finetuned.py --epochs 4 ")
+    assert "--epochs auto --time-budget 2h --throughput-json r.json" in why
+    args = mt.parse_args(_tiny(tasks_dir, "--time-budget", "30m"))
+    command, _ = mt.next_command(args, [], 3 * 3600.0, 1000, speed_tier(3 * 3600.0))
+    assert "--epochs 1 --max-batches 166 " in command
+
+
+def test_out_of_memory_on_the_longest_batch_is_one_clear_error():
+    shapes = [mt.report.BatchShape(1, 10, 10), mt.report.BatchShape(1, 50, 50)]
+    chosen = []
+
+    def step(batch):
+        chosen.append(batch.input_ids.shape[1])
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    encoded = [SimpleNamespace(n=10), SimpleNamespace(n=50)]
+    data = SimpleNamespace(batch_plan=lambda epoch: [[0], [1]], encoded=lambda epoch: encoded,
+                           collate=lambda items: SimpleNamespace(
+                               input_ids=torch.zeros(1, items[0].n), to=lambda device: SimpleNamespace(
+                                   input_ids=torch.zeros(1, items[0].n))))
+    setup = SimpleNamespace(data=data, epoch_shapes=shapes, step=lambda b: step(b), device=torch.device("cpu"))
+    with pytest.raises(UserError, match="out of memory on cpu.*--max-length.*--gradient-checkpointing"):
+        mt.run_longest_batch(setup)
+    assert chosen == [50]
