@@ -1,0 +1,144 @@
+"""Exact-match evaluation on held-out ARC test inputs: what tells you whether another epoch helps.
+
+Each test input gets a greedy-decoded grid from its task's demonstrations; it is correct only when the grid
+matches the expected output cell for cell (shape included). A task is solved when every one of its test
+inputs is correct. With two attempts (the ARC Prize's pass@2), the second attempt decodes the task seen
+through an augmentation (a rotation/flip and a colour permutation that keeps 0) and maps the prediction
+back, so it is a genuinely different guess rather than the same greedy output twice; it is skipped when the
+first attempt is already right.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from arc_dataset import (MAX_TARGET_TOKENS, Augmentation, Sample, Task, augment_sample, encode_prompt,
+                         evaluation_samples)
+from model import generate_grid
+
+
+@dataclass
+class EvalResult:
+    """Counts from one evaluation; accuracies are fractions in [0, 1]."""
+    attempts: int
+    num_inputs: int = 0
+    correct_inputs: int = 0          # right within `attempts` tries
+    correct_first: int = 0           # right on the first try (pass@1)
+    num_tasks: int = 0
+    solved_tasks: int = 0            # every test input right within `attempts` tries
+    malformed: int = 0               # attempts whose output was not a grid
+    seconds: float = 0.0
+    solved: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct_inputs / self.num_inputs if self.num_inputs else 0.0
+
+    @property
+    def first_attempt_accuracy(self) -> float:
+        return self.correct_first / self.num_inputs if self.num_inputs else 0.0
+
+    @property
+    def task_accuracy(self) -> float:
+        return self.solved_tasks / self.num_tasks if self.num_tasks else 0.0
+
+    def metrics(self) -> dict[str, float | int]:
+        """The fields a metrics.jsonl line carries (eval_accuracy is per test input, pass@attempts)."""
+        out: dict[str, float | int] = {
+            "eval_accuracy": round(self.accuracy, 6),
+            "eval_task_accuracy": round(self.task_accuracy, 6),
+            "eval_inputs": self.num_inputs,
+            "eval_tasks": self.num_tasks,
+            "eval_attempts": self.attempts,
+            "eval_malformed": self.malformed,
+            "eval_seconds": round(self.seconds, 3),
+        }
+        if self.attempts > 1:
+            out["eval_pass1_accuracy"] = round(self.first_attempt_accuracy, 6)
+        return out
+
+    def describe(self) -> str:
+        """One line for the console."""
+        text = (f"{self.correct_inputs}/{self.num_inputs} test inputs ({self.accuracy:.1%}), "
+                f"{self.solved_tasks}/{self.num_tasks} tasks ({self.task_accuracy:.1%})")
+        if self.attempts > 1:
+            text += f" with 2 attempts; first attempt {self.first_attempt_accuracy:.1%}"
+        if self.malformed:
+            text += f"; {self.malformed} outputs were not grids"
+        return f"{text} [{self.seconds:.0f} s]"
+
+
+def tasks_with_answers(tasks: Sequence[Task], limit: int | None = None) -> list[Task]:
+    """The tasks whose test outputs are all known (only those can be scored), the first `limit` of them."""
+    usable = [task for task in tasks if task.test and all(out is not None for _, out in task.test)]
+    return usable if limit is None else usable[:limit]
+
+
+def second_attempt_view(sample: Sample, seed: int) -> Augmentation:
+    """A fixed, non-identity augmentation for a sample's second attempt (same for every evaluation, so
+    accuracies from different epochs compare)."""
+    rng = np.random.default_rng([seed % 2**32, zlib.crc32(sample.task_id.encode()), sample.index])
+    augmentation = Augmentation.random(rng, len(sample.demos))
+    if augmentation.transform == 0:
+        augmentation = Augmentation(1 + int(rng.integers(7)), augmentation.colours, augmentation.demo_order)
+    return augmentation
+
+
+def predict(model: torch.nn.Module, sample: Sample, max_length: int, precision, device: torch.device,
+            augmentation: Augmentation | None = None) -> np.ndarray | None:
+    """Greedy prediction for one sample (seen through `augmentation`, mapped back), None if not a grid."""
+    view = sample if augmentation is None else augment_sample(sample, augmentation)
+    prompt = torch.from_numpy(encode_prompt(view, max_length)).to(device)
+    grid = generate_grid(model, prompt, MAX_TARGET_TOKENS, precision)
+    if grid is None or augmentation is None:
+        return grid
+    return augmentation.invert(grid)
+
+
+def evaluate(model: torch.nn.Module, tasks: Sequence[Task], *, max_length: int, precision,
+             device: torch.device, attempts: int = 1, seed: int = 0,
+             should_stop: Callable[[], bool] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EvalResult | None:
+    """Greedy exact-match accuracy on the test inputs of `tasks` (call `tasks_with_answers` first).
+
+    Returns None when `should_stop()` turns true part-way (Ctrl-C, the time budget): a partial score
+    would not compare with the others. `progress(done, total)` is called after each test input.
+    The model is put in eval mode and restored to the mode it had.
+    """
+    if attempts not in (1, 2):
+        raise ValueError(f"attempts must be 1 or 2, got {attempts}")
+    samples = evaluation_samples(tasks)
+    result = EvalResult(attempts=attempts, num_tasks=len(tasks))
+    per_task: dict[str, list[bool]] = {task.task_id: [] for task in tasks}
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        for done, sample in enumerate(samples, 1):
+            if should_stop is not None and should_stop():
+                return None
+            views = [None] if attempts == 1 else [None, second_attempt_view(sample, seed)]
+            correct = False
+            for k, view in enumerate(views):
+                guess = predict(model, sample, max_length, precision, device, view)
+                result.malformed += guess is None
+                if guess is not None and np.array_equal(guess, sample.target):
+                    correct = True
+                    result.correct_first += k == 0
+                    break
+            result.num_inputs += 1
+            result.correct_inputs += correct
+            per_task[sample.task_id].append(correct)
+            if progress is not None:
+                progress(done, len(samples))
+    finally:
+        model.train(was_training)
+    result.solved = {task_id: bool(marks) and all(marks) for task_id, marks in per_task.items()}
+    result.solved_tasks = sum(result.solved.values())
+    result.seconds = time.perf_counter() - start
+    return result
