@@ -436,6 +436,30 @@ GENERATABLE[data.EOS] = True
 
 
 @torch.no_grad()
+class GridGrammar:
+    """Follows generated tokens and says when they can no longer become a grid (1..30 x 1..30, equal rows).
+
+    An untrained or confused model rarely emits EOS; without this check every such test input would
+    decode all 931 tokens, which dominates evaluation time."""
+
+    def __init__(self) -> None:
+        self.width: int | None = None  # fixed by the first row end
+        self.cells = 0                 # cells in the current row
+        self.rows = 0                  # complete rows
+
+    def accepts(self, token: int) -> bool:
+        """Feed one token; False once the sequence cannot be completed into a valid grid."""
+        if token == data.EOS:
+            return self.rows > 0 and self.cells == 0
+        if token == data.ROW_END:
+            if self.cells == 0 or (self.width is not None and self.cells != self.width):
+                return False
+            self.width, self.cells, self.rows = self.cells, 0, self.rows + 1
+            return self.rows <= 30
+        self.cells += 1
+        return self.cells <= (self.width or 30)
+
+
 def generate_tokens(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, precision=None) -> list[int]:
     """Greedy decoding with the KV cache; only colours, row ends and EOS can be produced. Stops after EOS."""
     device = next(model.parameters()).device
@@ -446,6 +470,7 @@ def generate_tokens(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: 
     was_training = model.training
     model.eval()
     tokens: list[int] = []
+    grammar = GridGrammar()
     try:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(input_ids=ids, use_cache=True)
@@ -453,8 +478,8 @@ def generate_tokens(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: 
                 logits = out.logits[0, -1, :data.VOCAB_SIZE].float().masked_fill(blocked, -math.inf)
                 token = int(logits.argmax())  # host sync: needed to know whether to stop
                 tokens.append(token)
-                if token == data.EOS:
-                    break
+                if token == data.EOS or not grammar.accepts(token):
+                    break  # done, or the output can no longer be a grid: stop instead of running to the cap
                 out = model(input_ids=torch.tensor([[token]], device=device),
                             cache=out.cache, use_cache=True)
     finally:

@@ -276,8 +276,25 @@ def test_generation_is_capped_at_the_largest_grid(tiny, monkeypatch):
     never_eos[data.EOS] = False
     monkeypatch.setattr(M, "GENERATABLE", never_eos)
     prompt = torch.tensor([data.BOS, data.INPUT, 1, data.ROW_END, data.OUTPUT])
-    assert len(M.generate_tokens(tiny, prompt, 10_000)) == M.MAX_GRID_TOKENS == 931
+    assert len(M.generate_tokens(tiny, prompt, 10_000)) <= M.MAX_GRID_TOKENS == 931
     assert M.generate_grid(tiny, prompt, 5) is None  # no EOS: malformed
+
+
+def test_grid_grammar_stops_at_the_first_token_that_cannot_make_a_grid():
+    def first_rejected(tokens):
+        grammar = M.GridGrammar()
+        return next((i for i, t in enumerate(tokens) if not grammar.accepts(t)), None)
+
+    R, E = data.ROW_END, data.EOS
+    assert first_rejected([1, 2, R, 3, 4, R, E]) is None           # a 2x2 grid
+    assert first_rejected([1, 2, R, 3, R]) == 4                      # ragged row
+    assert first_rejected([1, 2, R, 3, 4, 5]) == 5                   # row longer than the first
+    assert first_rejected([R]) == 0                                  # empty row
+    assert first_rejected([1, 2, E]) == 2                            # EOS inside a row
+    assert first_rejected([E]) == 0                                  # no rows at all
+    assert first_rejected([7] * 31) == 30                            # wider than 30
+    assert first_rejected([7, R] * 31) == 61                         # taller than 30
+    assert first_rejected([7] * 30 + [R]) is None
 
 
 def test_decode_tokens():
