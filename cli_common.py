@@ -47,6 +47,12 @@ def positive_float(text: str) -> float:
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default in --help and keeps the module docstring's examples as written."""
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, True) or "default" in text:
+            return text  # switches, and flags whose help already says what the default means
+        return super()._get_help_string(action)
+
 
 def add_shared_args(parser: argparse.ArgumentParser) -> None:
     """Add the data, model, precision and device flags that both scripts share."""

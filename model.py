@@ -435,7 +435,6 @@ GENERATABLE[data.ROW_END] = True
 GENERATABLE[data.EOS] = True
 
 
-@torch.no_grad()
 class GridGrammar:
     """Follows generated tokens and says when they can no longer become a grid (1..30 x 1..30, equal rows).
 
@@ -460,6 +459,7 @@ class GridGrammar:
         return self.cells <= (self.width or 30)
 
 
+@torch.no_grad()
 def generate_tokens(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, precision=None) -> list[int]:
     """Greedy decoding with the KV cache; only colours, row ends and EOS can be produced. Stops after EOS."""
     device = next(model.parameters()).device
