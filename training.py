@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,35 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "cpu"
+
+
+def measure_matmul_peak(device: torch.device, precision: Precision, seconds: float = 0.5,
+                        size: int | None = None) -> float:
+    """Dense matmul FLOP/s this device sustains in the training dtype.
+
+    The honest denominator for utilisation: a spec-sheet peak is rarely reachable (a T4 sustains ~20 of its
+    65 fp16 TFLOP/s on a 4096^3 matmul), so the benchmark reports model FLOP/s over both."""
+    dtype = precision.autocast_dtype or torch.float32
+    n = size or (4096 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # sync point: the timer must see finished work
+
+    for _ in range(2):  # warm-up: kernel selection, clocks
+        a @ b
+    sync()
+    done, start = 0, time.perf_counter()
+    while True:
+        for _ in range(4):
+            a @ b
+        done += 4
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n**3 * done / elapsed
 
 
 # ---------------------------------------------------------------------------------- optimizer / schedule

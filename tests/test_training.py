@@ -281,3 +281,8 @@ def test_tiny_model_learns_a_task_family_and_solves_held_out_instances():
         last = out.loss
     assert last.item() < 0.05 < first.item()
     assert solved_fraction(model, held_out) >= 0.9
+
+
+def test_measured_matmul_peak_is_a_plausible_cpu_rate():
+    flops = T.measure_matmul_peak(torch.device("cpu"), T.FP32, seconds=0.1, size=256)
+    assert 1e8 < flops < 1e13  # 0.1 GFLOP/s .. 10 TFLOP/s: a real measurement of this CPU, not a constant
