@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from cli_common import add_data_source_args
 from errors import UserError, run_cli
 
 # ---- Vocabulary: one token per cell, ids 0-9 are the colours themselves. ----
@@ -901,15 +902,7 @@ def data_stats(taskset: TaskSet, settings: DataSettings) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None,
-                        help="tasks JSON, Kaggle *_challenges.json, folder of <task>.json, or a built-in set "
-                             f"({', '.join(BUILTIN_SETS)}); default data/training.json if present, else arc-agi-2")
-    parser.add_argument("--solutions", default=None,
-                        help="Kaggle *_solutions.json (default: found beside the challenges file)")
-    parser.add_argument("--strict", action="store_true",
-                        help="stop at the first invalid task instead of skipping it with a warning")
-    parser.add_argument("--max-length", type=int, default=8192,
-                        help="longest sample in tokens; longer ones drop demonstrations (default 8192)")
+    add_data_source_args(parser)
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="measure lengths without augmentation (epoch 0 is augmented by default)")
     parser.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")

@@ -54,19 +54,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def add_data_source_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--data, --solutions, --strict, --max-length: where the tasks come from and how long a sample may be
+    (also used by `python arc_dataset.py`)."""
+    parser.add_argument("--data", default=None,
+                        help="ARC tasks: a *_challenges.json (Kaggle), one tasks JSON, a folder of <task>.json, "
+                             "or a built-in set: arc-agi-2, arc-agi-2:evaluation, arc-agi-1, arc-agi-1:evaluation "
+                             "(default: data/training.json if present, else arc-agi-2)")
+    parser.add_argument("--solutions", default=None,
+                        help="Kaggle *_solutions.json (default: found beside the challenges file)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first invalid task instead of skipping it with a warning")
+    parser.add_argument("--max-length", type=positive_int, default=8192,
+                        help="longest sample in tokens; longer ones drop demonstrations until they fit")
+
+
 def add_shared_args(parser: argparse.ArgumentParser) -> None:
     """Add the data, model, precision and device flags that both scripts share."""
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default=None,
-                      help="ARC tasks: a *_challenges.json (Kaggle), one tasks JSON, a folder of <task>.json, "
-                           "or a built-in set: arc-agi-2, arc-agi-2:evaluation, arc-agi-1, arc-agi-1:evaluation "
-                           "(default: data/training.json if present, else arc-agi-2)")
-    data.add_argument("--solutions", default=None,
-                      help="Kaggle *_solutions.json (default: found beside the challenges file)")
-    data.add_argument("--strict", action="store_true",
-                      help="stop at the first invalid task instead of skipping it with a warning")
-    data.add_argument("--max-length", type=positive_int, default=8192,
-                      help="longest sample in tokens; longer ones drop demonstrations until they fit")
+    add_data_source_args(data)
     data.add_argument("--batch-size", type=positive_int, default=1,
                       help="samples per batch (length-grouped so padding stays small)")
     data.add_argument("--tokens-per-batch", type=positive_int, default=None,

@@ -60,15 +60,6 @@ def make_batch(rows: list[list[int]], target_start: int) -> data.Batch:
                       [("t", i) for i in range(len(rows))])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (no OpenMP contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny() -> torch.nn.Module:
     torch.manual_seed(0)

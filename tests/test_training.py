@@ -17,15 +17,6 @@ from errors import UserError
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (no OpenMP contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def grid_tokens(grid: np.ndarray) -> list[int]:
     return [int(v) for row in grid for v in [*row, data.ROW_END]]
 
