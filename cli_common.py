@@ -133,9 +133,14 @@ def _is_cuda_spec(text: str) -> bool:
     return prefix == "cuda" and index.isdigit()
 
 
-def speed_settings(args: argparse.Namespace, device_name: str, precision: str, world_size: int = 1) -> dict[str, Any]:
-    """The settings that change how long a step takes; a benchmark result only applies when they match."""
-    return {
+def speed_settings(args: argparse.Namespace, device_name: str, precision: str, world_size: int = 1,
+                   cpu_threads: int | None = None) -> dict[str, Any]:
+    """The settings that change how long a step takes; a benchmark result only applies when they match.
+
+    `world_size` is the number of torchrun processes (a 1-GPU result does not time a 2-GPU step, whose
+    gradients cross the bus). On CPU pass `cpu_threads` (torch.get_num_threads()): a step on 1 thread and
+    on 8 differ several-fold, so a result measured with another thread count does not apply either."""
+    settings = {
         "device": device_name,
         "precision": precision,
         "world_size": world_size,
@@ -150,3 +155,6 @@ def speed_settings(args: argparse.Namespace, device_name: str, precision: str, w
         "augment": args.augment,
         "data": args.data,
     }
+    if cpu_threads is not None:
+        settings["cpu_threads"] = cpu_threads
+    return settings

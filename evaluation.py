@@ -73,6 +73,25 @@ class EvalResult:
         return f"{text} [{self.seconds:.0f} s]"
 
 
+def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
+    """One result from the results of disjoint shares of the tasks (evaluation split over torchrun processes):
+    the counts add up, each task's verdict comes from the share that held it, and the time is the slowest
+    share's (the others wait for it)."""
+    if not parts:
+        raise ValueError("no results to merge")
+    merged = EvalResult(attempts=parts[0].attempts)
+    for part in parts:
+        merged.num_inputs += part.num_inputs
+        merged.correct_inputs += part.correct_inputs
+        merged.correct_first += part.correct_first
+        merged.num_tasks += part.num_tasks
+        merged.solved_tasks += part.solved_tasks
+        merged.malformed += part.malformed
+        merged.solved.update(part.solved)
+    merged.seconds = max(part.seconds for part in parts)
+    return merged
+
+
 def tasks_with_answers(tasks: Sequence[Task], limit: int | None = None) -> list[Task]:
     """The tasks whose test outputs are all known (only those can be scored), the first `limit` of them."""
     usable = [task for task in tasks if task.test and all(out is not None for _, out in task.test)]

@@ -12,7 +12,17 @@ how the epoch time is projected and how its error is estimated.
     HF_HUB_OFFLINE=1 python measure_throughput.py --device cpu --random-init --num-batches 20
     python measure_throughput.py --model-name tiny --device cpu --num-batches 50   # seconds, a smoke test
 
-Ctrl-C while timing prints the statistics of the batches timed so far (and writes --json), then exits 130.
+Several GPUs: under torchrun every process runs the real DistributedDataParallel step (gradient all-reduce
+included) on its own share of the epoch, the way the trainer will; batches per epoch are per process
+(ceil(batches / N)), tokens/s counts all processes, and the JSON records world_size, so the trainer only
+takes it for a run with as many processes. On one GPU, --estimate-gpus N adds an estimate (not a measurement)
+for N GPUs, with its assumptions printed.
+
+    torchrun --nproc_per_node 2 measure_throughput.py --device cuda --json results-2gpu.json
+    python measure_throughput.py --device cuda --estimate-gpus 2
+
+Ctrl-C while timing prints the statistics of the batches timed so far (and writes --json), then exits 130;
+under torchrun it exits 130 without a report.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, NoReturn, Sequence
 
 import cli_common
+import distributed
 import throughput_report as report
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 
@@ -58,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="returns diminish after ~5-8 epochs: recommend at most this many")
     bench.add_argument("--time-budget", default=None, metavar="DURATION",
                        help="your time budget (e.g. 2h, 90m): the next command then fits it")
+    bench.add_argument("--estimate-gpus", type=cli_common.positive_int, default=None, metavar="N",
+                       help="also estimate the epoch on N such GPUs from this one-process measurement (an "
+                            "estimate, with its assumptions printed; torchrun measures it for real)")
+    bench.add_argument("--allreduce-gbps", type=cli_common.positive_float, default=report.DEFAULT_ALLREDUCE_GBPS,
+                       help="bus bandwidth assumed by --estimate-gpus for the gradient all-reduce, GB/s (nccl-tests "
+                            "all_reduce_perf busbw between your GPUs; NVLink is 10x+ faster than PCIe)")
     return parser
 
 
@@ -70,6 +87,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             report.parse_duration(args.time_budget)
         except ValueError as err:
             problems.append(f"--time-budget: {err}")
+    if args.estimate_gpus is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        problems.append("--estimate-gpus is for a one-process run; under torchrun the benchmark measures the "
+                        "multi-process step itself")
     if problems:
         raise UserError("; ".join(problems))
     return args
@@ -103,9 +123,12 @@ class Setup:
     device_info: dict[str, Any]
     data: Any                 # arc_dataset.TrainingData
     data_description: str
-    model: Any
+    model: Any                # the model itself (under torchrun `step` runs its DDP wrapper)
     step: Any                 # training.TrainStep
-    epoch_shapes: list[report.BatchShape]
+    epoch_shapes: list[report.BatchShape]   # this process's batches of epoch 0 (all of them with one process)
+    plan_shapes: list[report.BatchShape]    # every batch of epoch 0's plan
+    rank_plan: list[list[int]]              # this process's batches as indices into data.encoded(0)
+    ctx: Any = None                         # distributed.DistributedContext
 
 
 def setup(args: argparse.Namespace) -> Setup:
@@ -115,7 +138,9 @@ def setup(args: argparse.Namespace) -> Setup:
     import model as model_lib
     import training
 
-    device = training.resolve_device(args.device)
+    # Under torchrun: join the group; a CUDA device becomes cuda:LOCAL_RANK.
+    ctx = distributed.DistributedContext.from_env(training.resolve_device(args.device))
+    device = ctx.device
     precision = training.resolve_precision(device, args.precision)
     tasks = arc_dataset.load_tasks(args.data, args.solutions, args.strict)
     samples = arc_dataset.training_samples(tasks)
@@ -126,21 +151,38 @@ def setup(args: argparse.Namespace) -> Setup:
     if data.num_batches(0) == 0:
         raise UserError(f"{tasks.description}: no training sample fits --max-length {args.max_length}; "
                         f"raise --max-length")
-    # Every batch of epoch 0, as the trainer will see it: the cost model sums over these shapes.
-    epoch_shapes = [_shape(batch) for batch in data.batches(0)]
+    # Every batch of epoch 0, as the trainer will see it: the cost model sums over this process's shapes.
+    plan_shapes = [_shape(batch) for batch in data.batches(0)]
+    rank_plan = distributed.shard_batch_plan(data.batch_plan(0), ctx.rank, ctx.world_size)
+    epoch_shapes = (plan_shapes if not ctx.is_distributed
+                    else shard_shapes(data, plan_shapes, ctx.world_size)[ctx.rank])
 
     torch.manual_seed(args.seed)
     model = model_lib.load_model(model_lib.ModelSettings.from_args(args)).to(device)
     model.train()
     optimizer = training.build_optimizer(model, args.lr, args.weight_decay)
-    total_steps = math.ceil(data.num_batches(0) / args.grad_accum)
+    total_steps = math.ceil(len(epoch_shapes) / args.grad_accum)
     scheduler = training.build_scheduler(optimizer, total_steps, args.warmup_steps)
-    step = training.TrainStep(model, optimizer, scheduler, precision, device, grad_accum=args.grad_accum,
-                              max_grad_norm=args.max_grad_norm)
+    step = training.TrainStep(distributed.wrap_model(model, ctx), optimizer, scheduler, precision, device,
+                              grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm)
     info = dict(training.describe_device(device))
     if device.type == "cuda":
         info["total_memory_bytes"] = int(torch.cuda.get_device_properties(device).total_memory)
-    return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes)
+    return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes, plan_shapes,
+                 rank_plan, ctx)
+
+
+def shard_shapes(data: Any, plan_shapes: list[report.BatchShape], world_size: int) -> list[list[report.BatchShape]]:
+    """Each rank's batch shapes for epoch 0 split over `world_size` processes: the plan's own batches reuse
+    `plan_shapes`; only the last round's split pieces are collated."""
+    plan = data.batch_plan(0)
+    known = {tuple(batch): shape for batch, shape in zip(plan, plan_shapes)}
+    encoded = data.encoded(0)
+    shapes: list[list[report.BatchShape]] = []
+    for rank in range(world_size):
+        shapes.append([known.get(tuple(batch)) or _shape(data.collate([encoded[i] for i in batch]))
+                       for batch in distributed.shard_batch_plan(plan, rank, world_size)])
+    return shapes
 
 
 def _shape(batch: Any) -> report.BatchShape:
@@ -206,28 +248,30 @@ def _synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)  # note: a CPU-GPU sync point
 
 
-def _epoch_batches(data: Any, start: int) -> Iterator[tuple[int, Any]]:
-    """(position, batch) of epoch 0 from `start`, wrapping around: the order the trainer draws them in."""
-    total = data.num_batches(0)
-    position = start % total
+def _epoch_batches(data: Any, plan: list[list[int]], start: int) -> Iterator[tuple[int, Any]]:
+    """(position, batch) of this process's batches of epoch 0 from `start`, wrapping around: the order the
+    trainer draws them in."""
+    encoded = data.encoded(0)
+    position = start % len(plan)
     while True:
-        for batch in data.batches(0, start=position):
-            yield position, batch
+        for indices in plan[position:]:
+            yield position, data.collate([encoded[i] for i in indices])
             position += 1
         position = 0
 
 
 def run_longest_batch(s: Setup) -> tuple[report.BatchShape, float]:
-    """One step on the biggest batch of the epoch, so an out-of-memory shows up in the first seconds."""
+    """One step on the biggest batch of the epoch, so an out-of-memory shows up in the first seconds (under
+    torchrun every process steps on it: any of them may draw it in a later epoch)."""
     plan = s.data.batch_plan(0)
-    index = max(range(len(plan)), key=lambda i: s.epoch_shapes[i].rows * s.epoch_shapes[i].length)
+    index = max(range(len(plan)), key=lambda i: s.plan_shapes[i].rows * s.plan_shapes[i].length)
     encoded = s.data.encoded(0)
     batch = s.data.collate([encoded[i] for i in plan[index]])
     start = time.perf_counter()
     with out_of_memory_as_user_error(s.device):
         s.step(batch.to(s.device))
         _synchronize(s.device)
-    return s.epoch_shapes[index], (time.perf_counter() - start) * 1000
+    return s.plan_shapes[index], (time.perf_counter() - start) * 1000
 
 
 @contextlib.contextmanager
@@ -247,7 +291,7 @@ def out_of_memory_as_user_error(device: Any) -> Iterator[None]:
 
 def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) -> Timings:
     """Run `warmup` untimed then `num_batches` timed steps; Ctrl-C stops early, keeping what was timed."""
-    batches = _epoch_batches(s.data, 0)
+    batches = _epoch_batches(s.data, s.rank_plan, 0)
     for _ in range(warmup):
         _, batch = next(batches)
         s.step(batch.to(s.device))
@@ -271,7 +315,7 @@ def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) 
             records.append((position, data_ms, batch.num_tokens, int(rows * length),
                             batch.num_tokens / max(1, len(batch.samples))))
     except KeyboardInterrupt:
-        if not records:
+        if not records or s.ctx.is_distributed:  # the other processes may be mid-step: no agreed stop point
             raise
         interrupted = True
     timings = Timings(interrupted=interrupted)
@@ -300,8 +344,8 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
     """The result object: what --json writes and what the report prints."""
     import model as model_lib
 
-    args = s.args
-    n_epoch = len(s.epoch_shapes)
+    args, ctx = s.args, s.ctx
+    n_epoch = len(s.epoch_shapes)   # per process
     total_ms = timings.batch_ms
     seconds = sum(total_ms) / 1000
     projection = report.project_epoch(s.epoch_shapes, timings.positions, total_ms, seed=args.seed)
@@ -315,11 +359,20 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         if length not in flops_cache:
             flops_cache[length] = model_lib.flops_per_token(s.model, length)
         model_flops += flops_cache[length] * tokens
-    flops_per_second = model_flops / seconds
+    tokens, padded_tokens = sum(timings.tokens), sum(timings.padded_tokens)
+    peak_bytes, reserved_bytes, memory_kind = _peak_memory(s.device)
+    if ctx.is_distributed:
+        # Every process timed as many steps, in lockstep (the all-reduce waits for the slowest): rank 0's
+        # seconds are the group's; tokens and FLOPs add up over the processes; memory is the largest one's.
+        tokens, padded_tokens, model_flops = ctx.all_reduce_sum([tokens, padded_tokens, model_flops])
+        peaks = ctx.gather_objects((peak_bytes, reserved_bytes))
+        peak_bytes = max(peak for peak, _ in peaks)
+        reserved_bytes = None if reserved_bytes is None else max(reserved for _, reserved in peaks)
+        memory_kind += f", the largest of the {ctx.world_size} processes"
+    flops_per_second = model_flops / seconds / ctx.world_size  # per device, against one device's peak
     device_name = str(s.device_info["name"])
     peak = report.peak_flops(device_name, s.precision.name) if s.device.type == "cuda" else None
 
-    peak_bytes, reserved_bytes, memory_kind = _peak_memory(s.device)
     total_memory = s.device_info.get("total_memory_bytes")
     skipped = int(s.step.skipped_steps)  # note: a sync point, once, after timing
     best = projection.best
@@ -336,9 +389,17 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         drift=projection.drift, load_average=os.getloadavg()[0], cpu_count=os.cpu_count())
 
     total, trainable = model_lib.count_parameters(s.model)
-    settings = cli_common.speed_settings(args, device_name, s.precision.name)
+    settings = cli_common.speed_settings(args, device_name, s.precision.name, ctx.world_size,
+                                         _cpu_threads(s.device))
     settings["data_description"] = s.data_description
-    command, why = next_command(args, rows, epoch_seconds, n_epoch, tier)
+    command, why = next_command(args, rows, epoch_seconds, n_epoch, tier, launcher=_launcher(ctx))
+    estimate = None
+    if args.estimate_gpus:
+        rank_shapes = shard_shapes(s.data, s.plan_shapes, args.estimate_gpus)
+        # DDP all-reduces the gradients in the parameters' dtype: fp32 master weights in every precision here.
+        gradient_bytes = sum(p.numel() * p.element_size() for p in s.model.parameters() if p.requires_grad)
+        estimate = asdict(report.estimate_data_parallel(best.model, rank_shapes, args.grad_accum, gradient_bytes,
+                                                        args.allreduce_gbps))
 
     def finite(x: float) -> float | None:
         return x if math.isfinite(x) else None
@@ -350,6 +411,8 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "interrupted": timings.interrupted,
         "device": {**_jsonable(s.device_info), "type": s.device.type, "precision": s.precision.name},
         "settings": settings,
+        "world_size": ctx.world_size,
+        "backend": ctx.backend,
         "model": {"parameters": total, "trainable_parameters": trainable},
         "data": {"description": s.data_description, "samples": len(s.data.encoded(0)),
                  "samples_too_long": len(s.data.skipped(0))},
@@ -358,8 +421,8 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "per_batch_ms": report.Stats.of(total_ms).as_json(),
         "data_ms": report.Stats.of(timings.data_ms).as_json(),
         "data_share": data_share,
-        "tokens_per_second": sum(timings.tokens) / seconds,
-        "padded_tokens_per_second": sum(timings.padded_tokens) / seconds,
+        "tokens_per_second": tokens / seconds,
+        "padded_tokens_per_second": padded_tokens / seconds,
         "peak_memory_bytes": peak_bytes,
         "peak_reserved_bytes": reserved_bytes,
         "peak_memory_kind": memory_kind,
@@ -370,6 +433,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "longest_batch": {"rows": longest[0].rows, "length": longest[0].length, "tokens": longest[0].tokens,
                           "ms": longest[1]},
         "batches_per_epoch": n_epoch,
+        "plan_batches_per_epoch": len(s.plan_shapes),
         "epoch_seconds": epoch_seconds,
         "epoch_projection": {"kind": best.kind, "name": best.name, "expected_error": finite(best.expected_error),
                              "reason": projection.reason, "extrapolated_batches": best.extrapolated_batches,
@@ -387,7 +451,22 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "skipped_steps": skipped,
         "next_command": command,
         "next_command_why": why,
+        "estimate": estimate,
     }
+
+
+def _cpu_threads(device: Any) -> int | None:
+    import torch
+    return torch.get_num_threads() if device.type == "cpu" else None
+
+
+def _launcher(ctx: Any) -> list[str]:
+    """How to start the trainer with as many processes as this measurement had."""
+    if not ctx.is_distributed:
+        return ["python"]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    nodes = [] if per_node == ctx.world_size else ["--nnodes", str(ctx.world_size // per_node)]
+    return ["torchrun", *nodes, "--nproc_per_node", str(per_node)]
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
@@ -395,8 +474,8 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def next_command(args: argparse.Namespace, rows: list[report.Recommendation], epoch_seconds: float,
-                 batches_per_epoch: int, tier: report.Tier) -> tuple[str, str]:
-    """The trainer command with these settings, and why that epoch count."""
+                 batches_per_epoch: int, tier: report.Tier, launcher: Sequence[str] = ("python",)) -> tuple[str, str]:
+    """The trainer command with these settings (started by `launcher`), and why that epoch count."""
     flags = trainer_flags(args)
     if args.time_budget is not None:
         hours = report.parse_duration(args.time_budget) / 3600
@@ -414,7 +493,7 @@ def next_command(args: argparse.Namespace, rows: list[report.Recommendation], ep
         head = ["--epochs", "1", "--max-batches", str(max(1, rec.max_batches))]
     else:
         head = ["--epochs", str(rec.epochs)]
-    return shlex.join(["python", "trainloop_gpu_finetuned.py", *head, *flags]), why
+    return shlex.join([*launcher, "trainloop_gpu_finetuned.py", *head, *flags]), why
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -422,21 +501,29 @@ def next_command(args: argparse.Namespace, rows: list[report.Recommendation], ep
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     s = setup(args)
-    info = s.device_info
-    print(f"Benchmarking {args.model_name} on {info['name']} ({s.precision.name}): {s.data_description}, "
-          f"{len(s.epoch_shapes)} batches per epoch", flush=True)
+    try:
+        return _measure(s)
+    finally:
+        s.ctx.cleanup()
+
+
+def _measure(s: Setup) -> int:
+    args, info, say = s.args, s.device_info, s.ctx.print  # only rank 0 prints and writes
+    per = f" per process ({s.ctx.world_size} processes)" if s.ctx.is_distributed else ""
+    say(f"Benchmarking {args.model_name} on {info['name']} ({s.precision.name}): {s.data_description}, "
+        f"{len(s.epoch_shapes)} batches per epoch{per}")
     longest = run_longest_batch(s)
-    print(f"Longest batch of the epoch ({longest[0].rows} x {longest[0].length} tokens) fits. "
-          f"Warming up ({args.warmup} batch{'' if args.warmup == 1 else 'es'})...", flush=True)
+    say(f"Longest batch of the epoch ({longest[0].rows} x {longest[0].length} tokens) fits. "
+        f"Warming up ({args.warmup} batch{'' if args.warmup == 1 else 'es'})...")
     with out_of_memory_as_user_error(s.device):  # fragmentation can still run out later
         timings = time_batches(s, args.warmup, args.num_batches,
-                               on_start=lambda: print(f"Timing {args.num_batches} batches...", flush=True))
+                               on_start=lambda: say(f"Timing {args.num_batches} batches..."))
     result = build_result(s, timings, longest)
-    print()
-    print(report.format_report(result), flush=True)
-    if args.json:
+    say()
+    say(report.format_report(result))
+    if args.json and s.ctx.is_main:
         report.write_json_atomic(args.json, result)
-        print(f"\nResult written to {args.json}")
+        say(f"\nResult written to {args.json}")
     if timings.interrupted:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

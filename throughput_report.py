@@ -338,6 +338,68 @@ def recommendations(epoch_seconds: float, batches_per_epoch: int,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Estimate for several GPUs (from a one-GPU measurement)
+
+DEFAULT_ALLREDUCE_GBPS = 8.0  # assumed all-reduce bus bandwidth, GB/s: two PCIe GPUs without NVLink (a 2xT4)
+
+
+@dataclass(frozen=True)
+class ParallelEstimate:
+    """An epoch on `world_size` devices estimated, not measured, from one device's cost model."""
+    world_size: int
+    epoch_seconds: float
+    compute_seconds: float        # the steps' batches, each step as long as its slowest process's batches
+    allreduce_seconds: float      # the gradient all-reduces, none of them overlapped with compute
+    batches_per_epoch: int        # per process
+    optimizer_steps: int
+    gradient_bytes: int
+    bus_gbps: float
+    assumptions: str
+
+
+def estimate_data_parallel(model: CostModel, rank_shapes: Sequence[Sequence[BatchShape]], grad_accum: int,
+                           gradient_bytes: int, bus_gbps: float = DEFAULT_ALLREDUCE_GBPS) -> ParallelEstimate:
+    """Epoch time on len(rank_shapes) devices from a cost model fitted on one device.
+
+    `rank_shapes[r]` are the shapes of rank r's batches (distributed.shard_batch_plan of the epoch's plan).
+    Assumes every device is as fast as the measured one; each optimizer step lasts as long as the slowest
+    rank's `grad_accum` batches (the ranks wait for each other in the all-reduce); and each step adds a ring
+    all-reduce of the gradients, 2 (N-1)/N x gradient bytes per device at `bus_gbps`, not overlapped with the
+    backward pass. DDP does overlap it, so the all-reduce part errs long; a bus slower than assumed errs short.
+    """
+    world = len(rank_shapes)
+    rounds = len(rank_shapes[0])
+    per_batch = np.stack([model.predict(list(shapes)) for shapes in rank_shapes])  # ms, [world, rounds]
+    steps = -(-rounds // grad_accum)
+    padded = np.zeros((world, steps * grad_accum))
+    padded[:, :rounds] = per_batch
+    compute_ms = padded.reshape(world, steps, grad_accum).sum(axis=2).max(axis=0).sum()
+    allreduce_s = 2 * (world - 1) / world * gradient_bytes / (bus_gbps * 1e9) if world > 1 else 0.0
+    assumptions = (f"every GPU as fast as this one; each step waits for the slowest of its {world} processes' "
+                   f"batches (this run's cost model on each process's share of the epoch); a ring all-reduce of "
+                   f"{format_bytes(gradient_bytes)} of gradients per optimizer step at an assumed {bus_gbps:g} GB/s "
+                   f"(--allreduce-gbps), not overlapped with the backward pass (DDP overlaps it, so that part "
+                   f"errs long)")
+    return ParallelEstimate(world, compute_ms / 1000 + steps * allreduce_s, compute_ms / 1000,
+                            steps * allreduce_s, rounds, steps, gradient_bytes, bus_gbps, assumptions)
+
+
+def format_estimate(estimate: dict[str, Any], one_device_seconds: float) -> list[str]:
+    """The report's section for `--estimate-gpus`: labelled an estimate, with its assumptions."""
+    seconds, allreduce = estimate["epoch_seconds"], estimate["allreduce_seconds"]
+
+    def shown(value: float) -> str:
+        return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+    return [f"ESTIMATE for {estimate['world_size']} GPUs (not measured; measure it with torchrun --nproc_per_node "
+            f"{estimate['world_size']} measure_throughput.py ...):",
+            f"  epoch ~{shown(seconds)} s ({seconds / 60:.1f} min), {one_device_seconds / seconds:.2f}x as fast as "
+            f"one GPU: {estimate['batches_per_epoch']} batches per GPU, {estimate['optimizer_steps']} optimizer steps",
+            f"  of which gradient all-reduce {shown(allreduce)} s",
+            f"  assumes {estimate['assumptions']}"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Speed tier (the guide's decision tree)
 
 @dataclass(frozen=True)
@@ -599,6 +661,10 @@ def format_report(result: dict[str, Any]) -> str:
         threads = device.get("threads", "?")
         lines.append(f"CPU: {device['name']} ({threads} thread{'' if threads == 1 else 's'})")
     lines.append(f"Precision: {device['precision']}")
+    world_size = result.get("world_size", 1)
+    if world_size > 1:
+        lines.append(f"Processes: {world_size} (torchrun, {result.get('backend')}), measured together, gradient "
+                     f"all-reduce included; batches and times below are per process, tokens/s of all of them")
     data = result["data"]
     lines.append(f"Model: {result['settings']['model_name']} ({result['model']['parameters']:,} parameters, "
                  f"{result['model']['trainable_parameters']:,} trained)")
@@ -639,6 +705,9 @@ def format_report(result: dict[str, Any]) -> str:
     if projection.get("extrapolated_batches"):
         lines.append(f"  Note: {projection['extrapolated_batches']} batches of the epoch are longer than any timed "
                      f"one; the model extrapolates there.")
+    if result.get("estimate"):
+        lines.append("")
+        lines += format_estimate(result["estimate"], result["epoch_seconds"])
     lines.append("")
     lines += format_recommendations(result["recommendations"], result["max_useful_epochs"])
     lines.append("")

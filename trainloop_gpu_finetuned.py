@@ -16,6 +16,10 @@
     # allowed before it learns to stop, which takes a while on CPU)
     python trainloop_gpu_finetuned.py --model-name tiny --device cpu --epochs 2 --max-batches 20 --eval-tasks 0
 
+    # several GPUs (DistributedDataParallel; see distributed.py for several machines), and the same on CPU
+    torchrun --nproc_per_node 2 trainloop_gpu_finetuned.py --epochs 5 --device cuda
+    torchrun --nproc_per_node 2 trainloop_gpu_finetuned.py --model-name tiny --device cpu --epochs 1 --eval-tasks 0
+
 What it does, per epoch: trains on every leave-one-out sample (3232 on ARC-AGI-2 training) with a tqdm bar
 whose ETA comes from the tokens still to go (sample lengths vary ~100x, so counting batches would swing),
 evaluates exact-match accuracy on held-out test inputs (greedy decoding; pass@2 with --eval-attempts 2),
@@ -27,6 +31,14 @@ exits 130 (a second Ctrl-C quits at once). --time-budget stops the same way, ear
 the measured step and save times. Non-finite losses: the fp16 GradScaler skips such steps; --max-bad-steps
 in a row stop the run (without fp16's scaler, the first non-finite loss does), keeping the last good
 checkpoint. Out of memory: one line saying what to change, exit 2.
+
+Under torchrun each of the N processes trains its share of every epoch: optimizer step k trains batches
+k*N .. k*N+N-1 of the epoch's plan, one per process, with gradients averaged over the processes, so an epoch
+has ceil(batches / N) steps and the result equals one process with --grad-accum N (up to floating-point
+order). Rank 0 alone prints, logs, plots and writes checkpoints; evaluation is split over the processes.
+A resume needs the same number of processes (the position in the epoch is counted in steps of N batches).
+Stopping is agreed: every process checks at the same optimizer steps (about every STOP_CHECK_SECONDS) whether
+any of them got a signal or ran out of time, so they all stop after the same step and rank 0 saves.
 """
 from __future__ import annotations
 
@@ -39,7 +51,7 @@ import sys
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,12 +60,14 @@ import torch
 from tqdm import tqdm
 
 import checkpointing
+import distributed
 import throughput_report
 from arc_dataset import SYMBOLS, DataError, DataSettings, TrainingData, load_tasks, training_samples
 from cli_common import (HelpFormatter, add_shared_args, non_negative_int, positive_int, speed_settings,
                         validate_shared_args)
 from errors import EXIT_INTERRUPTED, UserError, run_cli
-from evaluation import EvalResult, evaluate, tasks_with_answers
+from distributed import DistributedContext
+from evaluation import EvalResult, evaluate, merge_results, tasks_with_answers
 from model import ModelSettings, count_parameters, load_model, save_model
 from training import (TrainStep, build_optimizer, build_scheduler, describe_device, oom_message,
                       peak_memory_bytes, resolve_device, resolve_precision)
@@ -72,6 +86,11 @@ SLOWDOWN_FACTOR = 1.5         # steps this much slower than early in the run -> 
 BENCHMARK_SLOWDOWN = 1.25     # epoch projected this much longer than measure_throughput.py said -> warn (once)
 REFERENCE_STEPS = 100         # steps (after the first) that define "early in the run"
 WINDOW_STEPS = 50             # recent steps compared against that reference
+# Under torchrun, how often the processes agree whether to stop (a signal, the time budget). Each check is one
+# host-side all-reduce of a few numbers over gloo (0.35 ms between two CPU processes here) that also makes
+# the processes wait for each other, so it runs every ~2 s of training rather than every step: torchrun
+# SIGKILLs its workers --shutdown-timeout (30) s after forwarding Ctrl-C, which leaves time to save.
+STOP_CHECK_SECONDS = 2.0
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -89,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="epochs to train, or 'auto': the most that --time-budget allows according to "
                           "--throughput-json (measure_throughput.py --json)")
     run.add_argument("--max-batches", type=positive_int, default=None,
-                     help="stop each epoch after this many batches (smoke test: --epochs 1 --max-batches 100)")
+                     help="stop each epoch after this many batches (smoke test: --epochs 1 --max-batches 100); "
+                          "under torchrun, per process: each step trains one batch on each")
     run.add_argument("--time-budget", type=throughput_report.duration_arg, default=None, metavar="DURATION",
                      help="wall-clock budget such as 30m, 2h or 1.5h (bare numbers are seconds): stop with a "
                           "checkpoint and the final model before it runs out, judged from measured step and "
@@ -195,8 +215,11 @@ def epochs_from_benchmark(result: dict[str, Any], path: str, budget_seconds: flo
     if result["batches_per_epoch"] != batches_per_epoch:
         differences.append(f"batches per epoch: benchmark {result['batches_per_epoch']}, this run {batches_per_epoch}")
     if differences:
+        world_size = current.get("world_size", 1)
+        how = (f"torchrun --nproc_per_node {world_size} measure_throughput.py" if world_size > 1
+               else "measure_throughput.py")
         raise UserError(f"--epochs auto: {path} was measured with other settings, so its epoch time does not apply "
-                        f"({'; '.join(differences)}); rerun measure_throughput.py with this run's flags on this "
+                        f"({'; '.join(differences)}); rerun {how} with this run's flags on this "
                         f"device, or give --epochs N")
     hours = budget_seconds / 3600
     row = next((r for r in result["recommendations"] if math.isclose(r["budget_hours"], hours, rel_tol=1e-6)), None)
@@ -360,12 +383,16 @@ def _plural(count: int, noun: str) -> str:
 # ----------------------------------------------------------------------------------------- metrics, plot
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed as it happens."""
+    """metrics.jsonl: one JSON object per line, appended and flushed as it happens. Only rank 0 of a
+    torchrun group writes (`enabled`); the other ranks' writes are no-ops."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -374,6 +401,8 @@ class MetricsLog:
 
     def restore(self, source: Path, up_to_step: int) -> None:
         """Start from `source`'s lines up to the resumed checkpoint's step (later ones are redone)."""
+        if not self.enabled:
+            return
         kept = [r for r in read_metrics(source) if r.get("step", 0) <= up_to_step]
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -438,10 +467,13 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 class StopRequest:
     """Turns the first Ctrl-C / SIGTERM into a request to stop after the current batch; a second Ctrl-C
-    stops at once (KeyboardInterrupt: exit 130 without saving)."""
+    stops at once (KeyboardInterrupt: exit 130 without saving). `announce`: print the notice (rank 0 only, so
+    torchrun's N processes do not all say it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signal_name: str | None = None
+        self.announce = announce
+        self.when = "after the current batch"
         self._previous: dict[int, Any] = {}
 
     def __bool__(self) -> bool:
@@ -460,8 +492,9 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: stopping after the current batch to save a checkpoint "
-              f"(Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
+        if self.announce:
+            print(f"\n{self.signal_name}: stopping {self.when} to save a checkpoint "
+                  f"(Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------- the trainer
@@ -484,6 +517,9 @@ class LoopState:
     best_eval_epoch: float | None = None
     evals_since_best: int = 0
     last_eval: dict[str, Any] | None = None
+    # "task_id/pair" of every sample trained this epoch, by all ranks (at a checkpoint, gathered to rank 0):
+    # the epoch's metrics line counts them, so a shard that misses or repeats samples shows.
+    epoch_samples: list[str] = field(default_factory=list)
 
 
 class Trainer:
@@ -509,12 +545,30 @@ class Trainer:
         self._recent_steps: deque[float] = deque(maxlen=WINDOW_STEPS)
         self._shown_loss: float | None = None
         self._bad_reason = "non-finite loss"
+        self._check_every = 1           # optimizer steps between agreed stop checks (torchrun)
+        self._next_check = 0
+        self._group_token_ratio = 1.0   # all ranks' tokens / rank 0's, at the last log step (progress bar)
 
     # ---- setup
 
     def setup(self) -> None:
         args = self.args
-        self.device = resolve_device(args.device)
+        # Under torchrun: join the group; a CUDA device becomes cuda:LOCAL_RANK. Alone: a no-op context.
+        self.ctx = DistributedContext.from_env(resolve_device(args.device))
+        self.device = self.ctx.device
+        self.stop.announce = self.ctx.is_main
+        if self.ctx.is_distributed:
+            self.stop.when = f"at the next step the processes agree on (within ~{STOP_CHECK_SECONDS:.0f} s)"
+        self._group_token_ratio = float(self.ctx.world_size)
+        if self.resume_from is not None:
+            saved = checkpointing.read_meta(self.resume_from).get("world_size", 1)
+            if saved != self.ctx.world_size:
+                raise UserError(f"--resume {self.resume_from}: the run was trained by {saved} processes "
+                                f"and this is {self.ctx.world_size}; the position in the epoch counts steps of "
+                                f"{saved} batches, so resume with torchrun --nproc_per_node {saved}"
+                                if saved > 1 else
+                                f"--resume {self.resume_from}: the run was trained by one process and this is "
+                                f"{self.ctx.world_size}; resume it without torchrun")
         self.precision = resolve_precision(self.device, args.precision)
         self.device_info = describe_device(self.device)
         self._setup_data()
@@ -523,11 +577,16 @@ class Trainer:
         self._setup_model()
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        else:
+        elif self.ctx.is_main:
             self.metrics.path.write_text("")  # a new run starts a new metrics file
         self._init_accumulators()
         self.monitor = SlowdownMonitor(benchmark_cost_model(self.benchmark) if self.benchmark else None)
         self._print_banner()
+
+    def close(self) -> None:
+        """Leave the torchrun group (also after an error, so torchrun ends cleanly)."""
+        if hasattr(self, "ctx"):
+            self.ctx.cleanup()
 
     def _setup_data(self) -> None:
         args = self.args
@@ -552,10 +611,11 @@ class Trainer:
         args = self.args
         if args.throughput_json:
             result = throughput_report.load_result(args.throughput_json)
-            current = speed_settings(args, str(self.device_info["name"]), self.precision.name)
+            current = speed_settings(args, str(self.device_info["name"]), self.precision.name, self.ctx.world_size,
+                                     torch.get_num_threads() if self.device.type == "cpu" else None)
             if args.epochs == "auto":
                 epochs, max_batches, why = epochs_from_benchmark(result, args.throughput_json, args.time_budget,
-                                                                 current, self.data.num_batches(0))
+                                                                 current, self._batches_per_epoch(0))
                 args.epochs = epochs
                 if max_batches is not None:
                     args.max_batches = min(max_batches, args.max_batches or max_batches)
@@ -568,25 +628,31 @@ class Trainer:
         self.epochs = int(args.epochs)
         self.tokens_per_batch = sum(len(e) for e in self.data.encoded(0)) / self.data.num_batches(0)
         limit = args.max_batches or math.inf
-        self.epoch_batches = [int(min(self.data.num_batches(e), limit)) for e in range(self.epochs)]
+        # Batches per process: one optimizer step trains one batch on each of the world_size processes.
+        self.epoch_batches = [int(min(self._batches_per_epoch(e), limit)) for e in range(self.epochs)]
         # TrainStep accumulates across epoch boundaries, so the optimizer steps come from all batches together.
         self.total_steps = sum(self.epoch_batches) // args.grad_accum
         if self.total_steps == 0:
             raise UserError(f"--grad-accum {args.grad_accum} is more than the {sum(self.epoch_batches)} batches of "
                             f"this run: no optimizer step would happen")
 
+    def _batches_per_epoch(self, epoch: int) -> int:
+        """Batches each process trains in `epoch`: the epoch's batches / world_size, rounded up."""
+        return distributed.steps_per_epoch(self.data.num_batches(epoch), self.ctx.world_size)
+
     def _setup_output(self) -> None:
         args = self.args
-        if args.output_dir is None:
-            args.output_dir = str(RUNS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if args.output_dir is None:  # rank 0's clock names the run (the ranks may start a second apart)
+            args.output_dir = self.ctx.broadcast_object(str(RUNS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S")))
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / checkpointing.CHECKPOINT_DIR
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"--output-dir {self.output_dir}: cannot create it ({err.strerror})") from None
-        checkpointing.remove_stale_temporaries(self.checkpoint_dir)
-        self.metrics = MetricsLog(self.output_dir / METRICS_FILE)
+        if self.ctx.is_main:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"--output-dir {self.output_dir}: cannot create it ({err.strerror})") from None
+            checkpointing.remove_stale_temporaries(self.checkpoint_dir)
+        self.metrics = MetricsLog(self.output_dir / METRICS_FILE, enabled=self.ctx.is_main)
         self.plot_path = self.output_dir / PLOT_FILE
 
     def _setup_model(self) -> None:
@@ -595,7 +661,9 @@ class Trainer:
         self.model = load_model(ModelSettings.from_args(args)).to(self.device)
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, args.warmup_steps)
-        self.train_step = TrainStep(self.model, self.optimizer, self.scheduler, self.precision, self.device,
+        # The step runs the DDP wrapper (gradients averaged over ranks); saving, evaluation and parameter
+        # counts use the model itself.
+        self.train_step = TrainStep(distributed.wrap_model(self.model, self.ctx), self.optimizer, self.scheduler, self.precision, self.device,
                                     args.grad_accum, args.max_grad_norm)
         self.parameters, self.trainable = count_parameters(self.model)
         # Before the first save is timed: weights + two AdamW moments of the trained part, ~150 MB/s disk.
@@ -615,6 +683,8 @@ class Trainer:
             parameter.grad = None if grad is None else grad.to(self.device)  # mid-accumulation checkpoint
         checkpointing.restore_rng_state(state["rng"])
         self.loop = LoopState(**state["loop"])
+        if not self.ctx.is_main:
+            self.loop.epoch_samples = []  # rank 0 carries the samples trained before the checkpoint
         source = path.parent.parent / METRICS_FILE
         self.metrics.restore(source, self.loop.step)
         self.last_checkpoint = path
@@ -646,7 +716,8 @@ class Trainer:
             f"model: {args.model_name}, {self.parameters / 1e6:.1f}M parameters ({self.trainable / 1e6:.1f}M trained"
             + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") + ")"
             + (", gradient checkpointing" if args.gradient_checkpointing else ""),
-            f"schedule: {_plural(self.epochs, 'epoch')}, {sum(self.epoch_batches)} batches, {self.total_steps} "
+            f"schedule: {_plural(self.epochs, 'epoch')}, {sum(self.epoch_batches)} batches"
+            + (" per process" if self.ctx.is_distributed else "") + f", {self.total_steps} "
             f"optimizer steps (grad accum {args.grad_accum}); lr {args.lr:g}, "
             f"{min(args.warmup_steps, self.total_steps)} warm-up steps then cosine to 0",
             "evaluation: " + (f"{len(self.eval_tasks)} tasks with known outputs from {self.eval_description}; greedy, "
@@ -659,11 +730,17 @@ class Trainer:
             + (f" and every {args.save_every} steps" if args.save_every else "")
             + f", newest {args.keep_checkpoints} kept)",
         ]
+        if self.ctx.is_distributed:
+            world = self.ctx.world_size
+            lines.insert(1, f"distributed: {world} processes (torchrun, {self.ctx.backend}; rank 0 on {self.device}); "
+                            f"each optimizer step trains one batch on each, {world * args.grad_accum} batches in all, "
+                            f"so an epoch's {self.data.num_batches(0)} batches take "
+                            f"{self._batches_per_epoch(0)} per process")
         if self.deadline is not None:
             ends = datetime.now() + timedelta(seconds=self.deadline - time.monotonic())
             lines.append(f"time budget: {_clock(args.time_budget)}: stops with a checkpoint before "
                          f"{ends:%H:%M:%S}")
-        print("\n".join(lines + self.notes), flush=True)
+        self.ctx.print("\n".join(lines + self.notes))
 
     # ---- training
 
@@ -689,12 +766,15 @@ class Trainer:
         """Run the rest of the current epoch; returns why it stopped early, or None."""
         loop, epoch = self.loop, self.loop.epoch
         total = self.epoch_batches[epoch]
-        encoded, plan = self.data.encoded(epoch), self.data.batch_plan(epoch)
-        tokens = [sum(len(encoded[i]) for i in indices) for indices in plan]
+        encoded = self.data.encoded(epoch)
+        # This rank's batches (all of them with one process); the plan is the same on every rank.
+        mine = distributed.shard_batch_plan(self.data.batch_plan(epoch), self.ctx.rank, self.ctx.world_size)[:total]
+        tokens = [sum(len(encoded[i]) for i in indices) for indices in mine]
         remaining_tokens = sum(tokens[loop.batch:total])
-        batches = self.data.batches(epoch, loop.batch)
+        batches = (self.data.collate([encoded[i] for i in indices]) for indices in mine[loop.batch:])
         bar = EpochBar(total=total, initial=loop.batch, desc=f"Epoch {epoch} Training", dynamic_ncols=True,
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr,
+                       disable=not self.ctx.is_main)
         bar.stats = self._bar_stats()
         self._tick = time.perf_counter()
         try:
@@ -702,6 +782,7 @@ class Trainer:
                 index = loop.batch
                 batch = next(batches)
                 shape = throughput_report.BatchShape(*batch.input_ids.shape, batch.num_tokens)
+                loop.epoch_samples.extend(f"{task_id}/{pair}" for task_id, pair in batch.samples)
                 try:
                     out = self.train_step(batch)
                 except torch.OutOfMemoryError as exc:
@@ -734,7 +815,7 @@ class Trainer:
                     outcome = self._after_step(bar, total)
                     if outcome is not None:
                         return outcome
-                elif self.stop:
+                elif self.stop and not self.ctx.is_distributed:  # torchrun: stop only where agreed
                     return self._stop_now("interrupted")
         finally:
             bar.close()
@@ -755,18 +836,49 @@ class Trainer:
             if result is not None:
                 self.metrics.write({"kind": "eval", "epoch": loop.epoch, "step": loop.step, "batch": loop.batch,
                                     "batches": total, **result.metrics()})
-                bar.write(f"step {loop.step}: eval {result.describe()}")
+                self._write(f"step {loop.step}: eval {result.describe()}")
                 if self._early_stop_due():
                     return self._stop_now("early stop")
-        if self.stop:
-            return self._stop_now("interrupted")
-        if self._out_of_time():
-            return self._stop_now("time budget")
+        reason = self._agreed_stop(force=False)
+        if reason is not None:
+            return self._stop_now(reason)
         if mid_epoch and args.save_every and loop.step % args.save_every == 0:
             if self._bad_steps_now(bad_limit):
                 return "non-finite"
             self._save("step")
         return None
+
+    def _agreed_stop(self, force: bool) -> str | None:
+        """'interrupted' (Ctrl-C, SIGTERM) or 'time budget' when this process, or under torchrun any process,
+        has to stop; else None.
+
+        Alone, the flags are checked at every call. Under torchrun the processes agree with one host-side
+        all-reduce, so they all stop after the same step: at `force`d points (epoch ends) and every
+        `_check_every` optimizer steps, which rank 0 sets to about STOP_CHECK_SECONDS of training."""
+        wants_stop, out_of_time = bool(self.stop), self._out_of_time()
+        if self.ctx.is_distributed:
+            if not force and self.loop.step < self._next_check:
+                return None
+            interval = self._check_interval() if self.ctx.is_main else 0
+            stops, late, interval = self.ctx.all_reduce_sum([wants_stop, out_of_time, interval])
+            self._check_every = max(1, int(interval))
+            self._next_check = self.loop.step + self._check_every
+            wants_stop, out_of_time = stops > 0, late > 0
+            if wants_stop and not self.stop:
+                self.stop.signal_name = "a signal to another process"
+        return "interrupted" if wants_stop else "time budget" if out_of_time else None
+
+    def _check_interval(self) -> int:
+        """Optimizer steps in about STOP_CHECK_SECONDS, from the recent step times (rank 0's decides)."""
+        if not self._recent_steps:
+            return 1
+        seconds_per_step = self.args.grad_accum * sum(self._recent_steps) / len(self._recent_steps)
+        return int(min(1000, max(1, STOP_CHECK_SECONDS // max(seconds_per_step, 1e-6))))
+
+    def _write(self, text: str) -> None:
+        """A console line that does not break the progress bar (rank 0 only)."""
+        if self.ctx.is_main:
+            tqdm.write(text)
 
     def _count_training_time(self) -> float:
         """Add the wall time since the last tick to this epoch's training time; returns it."""
@@ -805,29 +917,38 @@ class Trainer:
         """True when the run must stop for non-finite losses (reads two counters: a host sync point)."""
         run, total = int(self._bad_run.item()), int(self._bad_total.item())
         self._bad_total.zero_()
-        if run >= limit or (limit == 1 and total):
+        bad = run >= limit or (limit == 1 and total > 0)
+        if bad:
             self._bad_reason = (f"{run} optimizer steps in a row had a non-finite loss or gradient (the fp16 "
                                 f"GradScaler skipped them)" if self.precision.use_grad_scaler else
                                 f"the loss became non-finite (NaN/inf) in {self.precision.name}, which has no "
                                 f"GradScaler to skip such steps")
+        if self.ctx.any_true(bad):  # torchrun: every process stops when one must
+            if not bad:
+                self._bad_reason = "another process saw non-finite losses or gradients"
             return True
         return False
 
     def _bar_stats(self) -> str:
         loop = self.loop
-        rate = loop.epoch_tokens / loop.epoch_seconds if loop.epoch_seconds > 0 else 0.0
+        # All processes' tokens: rank 0's count scaled by the ratio measured at the last log step.
+        rate = self._group_token_ratio * loop.epoch_tokens / loop.epoch_seconds if loop.epoch_seconds > 0 else 0.0
         loss = self._shown_loss
         return (f"loss: {loss:.4f}, " if loss is not None else "") + f"{rate:,.0f} tok/s"
 
     def _log(self, bar: EpochBar) -> None:
         loop = self.loop
-        loss = (self._log_loss / max(1, loop.log_batches)).item()  # host sync: once per log interval
+        # host sync: once per log interval (and under torchrun one all-reduce of the loss, one of the counts)
+        loss = self.ctx.all_reduce_mean(self._log_loss / max(1, loop.log_batches)).item()
         skipped = int(self.train_step.skipped_steps.item())
+        log_tokens, epoch_tokens = self.ctx.all_reduce_sum([loop.log_tokens, loop.epoch_tokens])
+        if loop.epoch_tokens:
+            self._group_token_ratio = epoch_tokens / loop.epoch_tokens
         self._shown_loss = loss
         self.metrics.write({
             "kind": "step", "epoch": loop.epoch, "step": loop.step, "batch": loop.batch,
             "batches": self.epoch_batches[loop.epoch], "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_second": round(loop.log_tokens / loop.log_seconds, 2) if loop.log_seconds > 0 else None,
+            "tokens_per_second": round(log_tokens / loop.log_seconds, 2) if loop.log_seconds > 0 else None,
             "epoch_seconds": round(loop.epoch_seconds, 3), "skipped_steps": skipped,
             "elapsed_seconds": round(time.monotonic() - self.started, 1)})
         self._log_loss.zero_()
@@ -835,7 +956,7 @@ class Trainer:
         loop.log_seconds = 0.0
         bar.stats = self._bar_stats()
         for warning in self.monitor.check():
-            bar.write(f"warning: {warning}")
+            self._write(f"warning: {warning}")
 
     def _end_epoch(self) -> str | None:
         """Evaluate, write the epoch's metrics line, checkpoint, redraw the plot; returns a stop reason."""
@@ -846,12 +967,17 @@ class Trainer:
         loop, args = self.loop, self.args
         if self._bad_steps_now(args.max_bad_steps if self.precision.use_grad_scaler else 1):
             return "non-finite"
-        loss = (self._epoch_loss / max(1, loop.epoch_batches)).item()  # host sync: once per epoch
+        loss = self.ctx.all_reduce_mean(self._epoch_loss / max(1, loop.epoch_batches)).item()  # host sync: per epoch
+        epoch_tokens = self.ctx.all_reduce_sum(loop.epoch_tokens)
+        trained = [key for part in self.ctx.gather_objects(loop.epoch_samples) for key in part]
         record = {"kind": "epoch", "epoch": loop.epoch, "step": loop.step, "batch": loop.batch,
                   "batches": self.epoch_batches[loop.epoch], "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                  "tokens_per_second": round(loop.epoch_tokens / loop.epoch_seconds, 2) if loop.epoch_seconds else None,
+                  "tokens_per_second": round(epoch_tokens / loop.epoch_seconds, 2) if loop.epoch_seconds else None,
                   "epoch_seconds": round(loop.epoch_seconds, 3),
-                  "skipped_steps": int(self.train_step.skipped_steps.item())}
+                  "skipped_steps": int(self.train_step.skipped_steps.item()),
+                  # samples trained this epoch by all processes, and how many of them more than once
+                  "samples": len(set(trained)), "samples_repeated": len(trained) - len(set(trained)),
+                  "world_size": self.ctx.world_size}
         result = self._evaluate() if self.eval_tasks else None
         if result is not None:
             record.update(result.metrics())
@@ -866,20 +992,22 @@ class Trainer:
                                        self._tokens_of_epochs(loop.epoch + 1))
             if left is not None:
                 summary += f"; {epochs_left} more epoch{'s' if epochs_left > 1 else ''} ~{_clock(left)} of training"
-        print(summary, flush=True)
+        self.ctx.print(summary)
         loop.epoch += 1
         loop.batch = loop.epoch_batches = loop.epoch_tokens = 0
         loop.epoch_seconds = 0.0
         loop.epoch_loss_sum = 0.0
+        loop.epoch_samples = []
         self._epoch_loss.zero_()
         self._save("epoch")
         self._plot()
-        if self.stop:
-            return "interrupted"
+        reason = self._agreed_stop(force=True)
+        if reason == "interrupted":
+            return reason
         if result is not None and self._early_stop_due():
             return "early stop"
-        if loop.epoch < self.epochs and self._out_of_time():
-            return "time budget"
+        if loop.epoch < self.epochs and reason == "time budget":
+            return reason
         return None
 
     def _tokens_of_epochs(self, first: int) -> int:
@@ -897,15 +1025,18 @@ class Trainer:
         args = self.args
         if self.deadline is not None and self.eval_seconds is not None:
             left = self.deadline - time.monotonic() - self._reserve_seconds()
-            if left < 1.2 * self.eval_seconds:
-                tqdm.write(f"skipping evaluation: the last one took {self.eval_seconds:.0f} s and the time budget "
-                           f"has {max(0.0, left):.0f} s to spare")
+            if self.ctx.any_true(left < 1.2 * self.eval_seconds):  # torchrun: all skip if one must
+                self._write(f"skipping evaluation: the last one took {self.eval_seconds:.0f} s and the time budget "
+                            f"has {max(0.0, left):.0f} s to spare")
                 return None
         total = len(self.eval_tasks)
-        bar = tqdm(total=sum(len(t.test) for t in self.eval_tasks), desc=f"Epoch {self.loop.epoch} Evaluation",
-                   unit="input", leave=False, file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        # Under torchrun each process decodes every world_size-th task; the results are gathered below.
+        share = distributed.shard_items(self.eval_tasks, self.ctx)
+        bar = tqdm(total=sum(len(t.test) for t in share), desc=f"Epoch {self.loop.epoch} Evaluation",
+                   unit="input", leave=False, file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                   disable=not self.ctx.is_main)
         try:
-            result = evaluate(self.model, self.eval_tasks, max_length=args.max_length, precision=self.precision,
+            result = evaluate(self.model, share, max_length=args.max_length, precision=self.precision,
                               device=self.device, attempts=args.eval_attempts, seed=args.seed,
                               should_stop=lambda: bool(self.stop) or self._out_of_time(),
                               progress=lambda done, n: bar.update(1))
@@ -914,8 +1045,10 @@ class Trainer:
             raise UserError(f"during evaluation: {message}") from None
         finally:
             bar.close()
+        parts = self.ctx.gather_objects(result)
+        result = None if any(part is None for part in parts) else merge_results(parts)
         if result is None:
-            tqdm.write(f"evaluation of {total} tasks stopped part-way; not recorded")
+            self._write(f"evaluation of {total} tasks stopped part-way; not recorded")
             return None
         self.eval_seconds = result.seconds
         loop = self.loop
@@ -939,7 +1072,9 @@ class Trainer:
         save = self.save_seconds if self.save_seconds is not None else 1 + self.checkpoint_bytes / 150e6
         final = (self.save_seconds * self.model_bytes / max(1, self.checkpoint_bytes)
                  if self.save_seconds is not None else 1 + self.model_bytes / 150e6)
-        return 2 * recent + 1.5 * save + 1.5 * final + 5
+        # Under torchrun the stop is only agreed every `_check_every` optimizer steps: keep those in hand too.
+        batches = self._check_every * self.args.grad_accum if self.ctx.is_distributed else 1
+        return (1 + batches) * recent + 1.5 * save + 1.5 * final + 5
 
     def _out_of_time(self) -> bool:
         return self.deadline is not None and self.deadline - time.monotonic() < self._reserve_seconds()
@@ -960,30 +1095,47 @@ class Trainer:
 
     def _save_now(self, reason: str) -> None:
         start = time.perf_counter()
-        loop = self.loop
+        loop, ctx = self.loop, self.ctx
         loop.log_loss_sum = float(self._log_loss.item())      # host sync: checkpoint time only
         loop.epoch_loss_sum = float(self._epoch_loss.item())
+        saved_loop = asdict(loop)
         grads = [p.grad for p in self.train_step.params]
-        state = {
-            "model": checkpointing.model_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "train_step": self.train_step.state_dict(),
-            "rng": checkpointing.capture_rng_state(),
-            "loop": asdict(loop),
-            # Gradients only exist between optimizer steps of a gradient accumulation.
-            "grads": grads if any(g is not None for g in grads) else None,
-        }
-        meta = {"step": loop.step, "epoch": loop.epoch, "batch": loop.batch, "reason": reason,
-                "saved_at": datetime.now().isoformat(timespec="seconds"), "epochs": self.epochs,
-                "args": _jsonable(vars(self.args)), "model_config": self.model.config.to_dict(),
-                "vocabulary": list(SYMBOLS), "device": self.device_info, "precision": self.precision.name,
-                "last_eval": loop.last_eval}
-        self.last_checkpoint = checkpointing.save_checkpoint(self.checkpoint_dir, loop.step, state, meta,
-                                                             self.args.keep_checkpoints)
+        # Gradients only exist between optimizer steps of a gradient accumulation.
+        has_grads = any(g is not None for g in grads)
+        if ctx.is_distributed:
+            # Every rank resumes from rank 0's file, so it holds the ranks' mean of what differs between them.
+            # Exact, because the sums are linear: each rank's epoch loss sum (or partial gradient) goes into a
+            # mean over ranks at the epoch's end (the next all-reduce), and mean(a_r + b_r) = mean(a) + mean(b).
+            log_loss, epoch_loss, log_tokens, epoch_tokens = ctx.all_reduce_mean(
+                [loop.log_loss_sum, loop.epoch_loss_sum, loop.log_tokens, loop.epoch_tokens])
+            saved_loop.update(log_loss_sum=log_loss, epoch_loss_sum=epoch_loss, log_tokens=round(log_tokens),
+                              epoch_tokens=round(epoch_tokens),
+                              epoch_samples=[k for part in ctx.gather_objects(loop.epoch_samples) for k in part])
+            if has_grads:
+                grads = [None if g is None else ctx.all_reduce_mean(g).cpu() for g in grads]
+        if ctx.is_main:
+            state = {
+                "model": checkpointing.model_state(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "train_step": self.train_step.state_dict(),
+                "rng": checkpointing.capture_rng_state(),
+                "loop": saved_loop,
+                "grads": grads if has_grads else None,
+            }
+            meta = {"step": loop.step, "epoch": loop.epoch, "batch": loop.batch, "reason": reason,
+                    "saved_at": datetime.now().isoformat(timespec="seconds"), "epochs": self.epochs,
+                    "args": _jsonable(vars(self.args)), "model_config": self.model.config.to_dict(),
+                    "vocabulary": list(SYMBOLS), "device": self.device_info, "precision": self.precision.name,
+                    "last_eval": loop.last_eval, "world_size": ctx.world_size}
+            checkpointing.save_checkpoint(self.checkpoint_dir, loop.step, state, meta, self.args.keep_checkpoints)
+        ctx.barrier()  # the others wait for rank 0's file (a resume or the next save may need it)
+        self.last_checkpoint = self.checkpoint_dir / checkpointing.checkpoint_name(loop.step)
         self.save_seconds = time.perf_counter() - start
 
     def _plot(self) -> None:
+        if not self.ctx.is_main:
+            return
         with self._paused():
             plot_metrics(self.metrics.records(), self.plot_path)
 
@@ -992,8 +1144,11 @@ class Trainer:
         if outcome in ("completed", "time budget", "early stop"):
             run_settings = {"args": _jsonable(vars(args)), "epochs_done": loop.epoch, "step": loop.step,
                             "outcome": outcome, "last_eval": loop.last_eval, "best_eval": loop.best_eval,
-                            "precision": self.precision.name, "device": self.device_info}
-            self.final_model = save_model(self.model, self.output_dir / MODEL_DIR, run_settings)
+                            "precision": self.precision.name, "device": self.device_info,
+                            "world_size": self.ctx.world_size}
+            if self.ctx.is_main:
+                self.final_model = save_model(self.model, self.output_dir / MODEL_DIR, run_settings)
+            self.ctx.barrier()
         self._plot()
         elapsed = _clock(time.monotonic() - self.started)
         done = f"{loop.epoch} of {self.epochs} epochs" + (f" + {loop.batch} batches" if loop.batch else "")
@@ -1020,19 +1175,28 @@ class Trainer:
             lines.append(f"  last eval    {loop.last_eval['eval_accuracy']:.1%} of test inputs, "
                          f"{loop.last_eval['eval_task_accuracy']:.1%} of tasks (epoch {loop.last_eval['epoch']}, "
                          f"step {loop.last_eval['step']}){best}")
-        resume = f"{SCRIPT} --resume {self.output_dir}"
+        resume = f"{self._launcher()} --resume {self.output_dir}"
         if outcome == "non-finite":
             retry = (f"retry from the last good checkpoint with other numerics (--resume {self.last_checkpoint} "
                      f"--precision bf16 or fp32), or " if self.last_checkpoint is not None else "")
             lines.append(f"  the weights after step {loop.step} are not saved; {retry}start a new run with a smaller "
                          f"--lr (now {args.lr:g})")
-            print("\n".join(lines), flush=True)
-            print(f"error: {lines[0]}", file=sys.stderr, flush=True)
+            self.ctx.print("\n".join(lines))
+            self.ctx.print(f"error: {lines[0]}", file=sys.stderr)
             return 1
         if outcome in ("interrupted", "time budget") or (outcome == "early stop" and loop.epoch < self.epochs):
             lines.append(f"  resume with  {resume}")
-        print("\n".join(lines), flush=True)
+        self.ctx.print("\n".join(lines))
         return EXIT_INTERRUPTED if outcome == "interrupted" else 0
+
+
+    def _launcher(self) -> str:
+        """How this run was started, for the resume command: the same number of torchrun processes."""
+        if not self.ctx.is_distributed:
+            return SCRIPT
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.ctx.world_size))
+        nodes = "" if per_node == self.ctx.world_size else f" --nnodes {self.ctx.world_size // per_node} ..."
+        return f"torchrun{nodes} --nproc_per_node {per_node} trainloop_gpu_finetuned.py"
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
@@ -1055,8 +1219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         raise UserError("; ".join(problems))
     trainer = Trainer(args, resume_from, notes, started)
-    trainer.setup()
-    return trainer.train()
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.close()
 
 
 if __name__ == "__main__":

@@ -137,3 +137,16 @@ def test_second_attempt_view_is_fixed_and_not_the_identity():
 
 def test_empty_result_has_zero_accuracy():
     assert EvalResult(attempts=1).accuracy == 0.0 and EvalResult(attempts=1).task_accuracy == 0.0
+
+
+def test_results_of_task_shares_merge_into_the_whole():
+    from evaluation import merge_results
+    first = EvalResult(attempts=2, num_inputs=3, correct_inputs=2, correct_first=1, num_tasks=2, solved_tasks=1,
+                       malformed=1, seconds=4.0, solved={"a": True, "c": False})
+    second = EvalResult(attempts=2, num_inputs=1, correct_inputs=1, correct_first=1, num_tasks=1, solved_tasks=1,
+                        seconds=6.0, solved={"b": True})
+    merged = merge_results([first, second])
+    assert (merged.num_inputs, merged.correct_inputs, merged.correct_first) == (4, 3, 2)
+    assert (merged.num_tasks, merged.solved_tasks, merged.malformed) == (3, 2, 1)
+    assert merged.solved == {"a": True, "b": True, "c": False}
+    assert merged.seconds == 6.0 and merged.accuracy == 0.75   # the slowest share's time; counts add up

@@ -54,7 +54,7 @@ def _tiny(tasks_dir: Path, *more: str) -> list[str]:
 
 def test_cpu_run_prints_the_guides_sections_and_writes_json(tasks_dir, tmp_path):
     out = tmp_path / "results.json"
-    run = _run(*_tiny(tasks_dir, "--num-batches", "24", "--warmup", "1", "--json", str(out)))
+    run = _run(*_tiny(tasks_dir, "--num-batches", "24", "--warmup", "1", "--json", str(out), "--estimate-gpus", "2"))
     assert run.returncode == 0, run.stderr
     text = run.stdout
     for section in ("CPU: ", "Precision: fp32", "Per-Batch Time Statistics", "Average:", "Median:", "Min:",
@@ -77,10 +77,18 @@ def test_cpu_run_prints_the_guides_sections_and_writes_json(tasks_dir, tmp_path)
     assert f"Average:     {result['per_batch_ms']['mean']:.2f} ms" in text
     assert result["tokens_per_second"] > 0 and result["peak_memory_bytes"] > 0
     assert result["tier"] == "fast"
+    assert result["world_size"] == result["settings"]["world_size"] == 1
+
+    # --estimate-gpus: labelled an estimate, for 2 processes of 9 batches, and never taken for a measurement
+    estimate = result["estimate"]
+    assert "ESTIMATE for 2 GPUs (not measured" in text and "assumes every GPU as fast as this one" in text
+    assert (estimate["world_size"], estimate["batches_per_epoch"]) == (2, 9)
+    assert estimate["gradient_bytes"] == 4 * result["model"]["trainable_parameters"]
+    assert 0.4 <= estimate["epoch_seconds"] / result["epoch_seconds"] <= 0.8  # ~half: equal tiny batches
 
     # The settings the trainer checks are exactly cli_common's speed settings, plus what the data resolved to.
     args = mt.parse_args(_tiny(tasks_dir))
-    expected = cli_common.speed_settings(args, result["device"]["name"], "fp32")
+    expected = cli_common.speed_settings(args, result["device"]["name"], "fp32", cpu_threads=1)  # OMP_NUM_THREADS
     assert {k: result["settings"][k] for k in expected} == expected
     assert str(tasks_dir) in result["settings"]["data_description"]
 
@@ -175,7 +183,7 @@ def test_out_of_memory_on_the_longest_batch_is_one_clear_error():
                            collate=lambda items: SimpleNamespace(
                                input_ids=torch.zeros(1, items[0].n), to=lambda device: SimpleNamespace(
                                    input_ids=torch.zeros(1, items[0].n))))
-    setup = SimpleNamespace(data=data, epoch_shapes=shapes, step=lambda b: step(b), device=torch.device("cpu"))
+    setup = SimpleNamespace(data=data, epoch_shapes=shapes, plan_shapes=shapes, step=lambda b: step(b), device=torch.device("cpu"))
     with pytest.raises(UserError, match="out of memory on cpu.*--max-length.*--gradient-checkpointing"):
         mt.run_longest_batch(setup)
     assert chosen == [50]

@@ -221,3 +221,19 @@ def test_speed_drift_during_timing_is_caught_and_widens_the_error():
     assert hot.best.expected_error > 0.14 > 10 * calm.best.expected_error
     found = diagnose(Measurements("cuda", 0.0, None, None, None, 0, 200, "bf16", drift=hot.drift))
     assert len(found) == 1 and "15% slower" in found[0]
+
+
+def test_data_parallel_estimate_waits_for_the_slowest_rank_and_adds_the_all_reduce():
+    from throughput_report import BatchShape, CostModel, estimate_data_parallel
+    model = CostModel("linear", (1.0, 1.0))            # 1 ms + 1 ms per 1000 padded tokens
+    ranks = [[BatchShape(1, 1000, 1000), BatchShape(1, 1000, 1000)],   # 2 ms, 2 ms
+             [BatchShape(1, 3000, 3000), BatchShape(1, 1000, 1000)]]   # 4 ms, 2 ms
+    # 1 GB of gradients, 10 GB/s: a ring all-reduce on 2 devices moves 2 x 1/2 x 1 GB per device = 0.1 s a step
+    each_batch = estimate_data_parallel(model, ranks, grad_accum=1, gradient_bytes=10**9, bus_gbps=10.0)
+    assert each_batch.compute_seconds == pytest.approx(0.006)        # max(2, 4) + max(2, 2) ms
+    assert each_batch.allreduce_seconds == pytest.approx(0.2)         # two optimizer steps
+    assert each_batch.epoch_seconds == pytest.approx(0.206)
+    accumulated = estimate_data_parallel(model, ranks, grad_accum=2, gradient_bytes=10**9, bus_gbps=10.0)
+    assert accumulated.compute_seconds == pytest.approx(0.006)        # max(2 + 2, 4 + 2) ms: ranks meet once
+    assert (accumulated.optimizer_steps, accumulated.allreduce_seconds) == (1, pytest.approx(0.1))
+    assert "not overlapped" in accumulated.assumptions and "10 GB/s" in accumulated.assumptions
