@@ -372,6 +372,10 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
     flops_per_second = model_flops / seconds / ctx.world_size  # per device, against one device's peak
     device_name = str(s.device_info["name"])
     peak = report.peak_flops(device_name, s.precision.name) if s.device.type == "cuda" else None
+    import training
+    # Half a second of dense matmuls in the training dtype, after timing so it cannot disturb it: the
+    # utilisation this device can actually reach, beside the spec-sheet peak.
+    measured_peak = training.measure_matmul_peak(s.device, s.precision)
 
     total_memory = s.device_info.get("total_memory_bytes")
     skipped = int(s.step.skipped_steps)  # note: a sync point, once, after timing
@@ -429,6 +433,9 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "model_flops_per_second": flops_per_second,
         "peak_flops": peak,
         "mfu": flops_per_second / peak if peak else None,
+        "measured_matmul_flops": measured_peak,
+        "mfu_of_measured_peak": flops_per_second / measured_peak,
+        "real_token_share": tokens / padded_tokens if padded_tokens else 1.0,
         "flops_formula": report.FLOPS_FORMULA,
         "longest_batch": {"rows": longest[0].rows, "length": longest[0].length, "tokens": longest[0].tokens,
                           "ms": longest[1]},

@@ -680,6 +680,8 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Throughput: {result['tokens_per_second']:,.0f} tokens/s (real input tokens, demonstrations and "
                  f"query, padding excluded; {result['padded_tokens_per_second']:,.0f} incl. padding)")
+    if result.get("real_token_share") is not None:
+        lines.append(f"  Real tokens: {result['real_token_share']:.1%} of the tokens computed (the rest is padding)")
     lines.append(f"Peak memory: {format_bytes(result['peak_memory_bytes'])} ({result['peak_memory_kind']})")
     flops = result["model_flops_per_second"]
     if result.get("mfu") is not None:
@@ -687,6 +689,10 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{device['precision']} peak)")
     else:
         lines.append(f"MFU: n/a (peak of this device unknown); model FLOPs achieved: {flops / 1e12:.3f} TFLOP/s")
+    if result.get("measured_matmul_flops"):
+        lines.append(f"  {result['mfu_of_measured_peak']:.1%} of this device's measured dense matmul rate "
+                     f"({result['measured_matmul_flops'] / 1e12:.2f} TFLOP/s in {device['precision']}, "
+                     f"measured here just now)")
     lines.append(f"  {FLOPS_FORMULA}")
     lines.append(f"Longest batch of the epoch ({result['longest_batch']['rows']} x {result['longest_batch']['length']}"
                  f" tokens): fits, first step {result['longest_batch']['ms']:.0f} ms")

@@ -78,6 +78,12 @@ def test_cpu_run_prints_the_guides_sections_and_writes_json(tasks_dir, tmp_path)
     assert result["tokens_per_second"] > 0 and result["peak_memory_bytes"] > 0
     assert result["tier"] == "fast"
     assert result["world_size"] == result["settings"]["world_size"] == 1
+    # Utilisation over the matmul rate measured on this device, and the share of computed tokens that are real
+    assert 1e8 < result["measured_matmul_flops"] < 1e13
+    assert result["mfu_of_measured_peak"] == pytest.approx(
+        result["model_flops_per_second"] / result["measured_matmul_flops"])
+    assert result["real_token_share"] == 1.0  # batch size 1: nothing is padded
+    assert "of this device's measured dense matmul rate" in text and "Real tokens: 100.0%" in text
 
     # --estimate-gpus: labelled an estimate, for 2 processes of 9 batches, and never taken for a measurement
     estimate = result["estimate"]
