@@ -9,7 +9,7 @@ how the epoch time is projected and how its error is estimated.
     python measure_throughput.py --device cuda                                   # the guide's command
     python measure_throughput.py --device cuda --json results.json --time-budget 2h
     python trainloop_gpu_finetuned.py --epochs auto --time-budget 2h --throughput-json results.json
-    HF_HUB_OFFLINE=1 python measure_throughput.py --device cpu --random-init --num-batches 20
+    HF_HUB_OFFLINE=1 python measure_throughput.py --device cpu --random-init --max-length 1024 --num-batches 20
     python measure_throughput.py --model-name tiny --device cpu --num-batches 50   # seconds, a smoke test
 
 Several GPUs: under torchrun every process runs the real DistributedDataParallel step (gradient all-reduce
