@@ -134,37 +134,23 @@ class Setup:
 def setup(args: argparse.Namespace) -> Setup:
     import torch
 
-    import arc_dataset
-    import model as model_lib
+    import run_setup
     import training
 
     # Under torchrun: join the group; a CUDA device becomes cuda:LOCAL_RANK.
     ctx = distributed.DistributedContext.from_env(training.resolve_device(args.device))
     device = ctx.device
     precision = training.resolve_precision(device, args.precision)
-    tasks = arc_dataset.load_tasks(args.data, args.solutions, args.strict)
-    samples = arc_dataset.training_samples(tasks)
-    settings = arc_dataset.DataSettings(max_length=args.max_length, batch_size=args.batch_size,
-                                        tokens_per_batch=args.tokens_per_batch, augment=args.augment,
-                                        seed=args.seed)
-    data = arc_dataset.TrainingData(samples, settings)
-    if data.num_batches(0) == 0:
-        raise UserError(f"{tasks.description}: no training sample fits --max-length {args.max_length}; "
-                        f"raise --max-length")
+    tasks, data = run_setup.build_training_data(args)
     # Every batch of epoch 0, as the trainer will see it: the cost model sums over this process's shapes.
     plan_shapes = [_shape(batch) for batch in data.batches(0)]
     rank_plan = distributed.shard_batch_plan(data.batch_plan(0), ctx.rank, ctx.world_size)
     epoch_shapes = (plan_shapes if not ctx.is_distributed
                     else shard_shapes(data, plan_shapes, ctx.world_size)[ctx.rank])
 
-    torch.manual_seed(args.seed)
-    model = model_lib.load_model(model_lib.ModelSettings.from_args(args)).to(device)
-    model.train()
-    optimizer = training.build_optimizer(model, args.lr, args.weight_decay)
-    total_steps = math.ceil(len(epoch_shapes) / args.grad_accum)
-    scheduler = training.build_scheduler(optimizer, total_steps, args.warmup_steps)
-    step = training.TrainStep(distributed.wrap_model(model, ctx), optimizer, scheduler, precision, device,
-                              grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm)
+    parts = run_setup.build_training_step(args, ctx, precision,
+                                          total_steps=math.ceil(len(epoch_shapes) / args.grad_accum))
+    model, step = parts.model, parts.step
     info = dict(training.describe_device(device))
     if device.type == "cuda":
         info["total_memory_bytes"] = int(torch.cuda.get_device_properties(device).total_memory)

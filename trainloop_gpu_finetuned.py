@@ -62,15 +62,15 @@ from tqdm import tqdm
 import checkpointing
 import distributed
 import throughput_report
-from arc_dataset import SYMBOLS, DataError, DataSettings, TrainingData, load_tasks, training_samples
+from arc_dataset import SYMBOLS, load_tasks
 from cli_common import (HelpFormatter, add_shared_args, non_negative_int, positive_int, speed_settings,
                         validate_shared_args)
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 from distributed import DistributedContext
 from evaluation import EvalResult, evaluate, merge_results, tasks_with_answers
-from model import ModelSettings, count_parameters, load_model, save_model
-from training import (TrainStep, build_optimizer, build_scheduler, describe_device, oom_message,
-                      peak_memory_bytes, resolve_device, resolve_precision)
+from model import count_parameters, save_model
+from run_setup import build_training_data, build_training_step
+from training import describe_device, oom_message, peak_memory_bytes, resolve_device, resolve_precision
 
 RUNS_DIR = Path("runs")
 METRICS_FILE = "metrics.jsonl"
@@ -590,13 +590,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         args = self.args
-        self.tasks = load_tasks(args.data, args.solutions, args.strict)
-        settings = DataSettings(max_length=args.max_length, batch_size=args.batch_size,
-                                tokens_per_batch=args.tokens_per_batch, augment=args.augment, seed=args.seed)
-        self.data = TrainingData(training_samples(self.tasks), settings)
-        if self.data.num_batches(0) == 0:
-            raise DataError(f"{self.tasks.description}: no training sample fits --max-length {args.max_length} "
-                            f"even with one demonstration; raise --max-length")
+        self.tasks, self.data = build_training_data(args)
         self.eval_tasks = []
         self.eval_description = None
         if args.eval_tasks:
@@ -657,14 +651,9 @@ class Trainer:
 
     def _setup_model(self) -> None:
         args = self.args
-        torch.manual_seed(args.seed)  # random initialisation (tiny, --random-init) repeats with the seed
-        self.model = load_model(ModelSettings.from_args(args)).to(self.device)
-        self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, args.warmup_steps)
-        # The step runs the DDP wrapper (gradients averaged over ranks); saving, evaluation and parameter
-        # counts use the model itself.
-        self.train_step = TrainStep(distributed.wrap_model(self.model, self.ctx), self.optimizer, self.scheduler, self.precision, self.device,
-                                    args.grad_accum, args.max_grad_norm)
+        parts = build_training_step(args, self.ctx, self.precision, self.total_steps)
+        self.model, self.optimizer, self.scheduler, self.train_step = (
+            parts.model, parts.optimizer, parts.scheduler, parts.step)
         self.parameters, self.trainable = count_parameters(self.model)
         # Before the first save is timed: weights + two AdamW moments of the trained part, ~150 MB/s disk.
         self.checkpoint_bytes = 12 * self.trainable
