@@ -1159,7 +1159,7 @@ class Trainer:
             lines.append(f"  final model  {self.final_model} (model.load_saved_model, or transformers "
                          f"from_pretrained)")
         if loop.last_eval is not None:
-            best = (f"; best {loop.best_eval:.1%} at epoch {loop.best_eval_epoch:.2f}"
+            best = (f"; best {loop.best_eval:.1%} after {loop.best_eval_epoch:.2f} epochs of training"
                     if loop.best_eval is not None else "")
             lines.append(f"  last eval    {loop.last_eval['eval_accuracy']:.1%} of test inputs, "
                          f"{loop.last_eval['eval_task_accuracy']:.1%} of tasks (epoch {loop.last_eval['epoch']}, "
