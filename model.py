@@ -494,37 +494,7 @@ def generate_grid(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: in
     tokens = generate_tokens(model, prompt_ids, max_new_tokens, precision)
     if not tokens or tokens[-1] != data.EOS:
         return None
-    decode, error = _decoder()
     try:
-        return decode(tokens)
-    except error:
+        return data.decode_grid(tokens)
+    except data.DecodeError:
         return None
-
-
-def _decoder():
-    """arc_dataset's decode_grid/DecodeError when present (the one definition of the format), else ours."""
-    decode = getattr(data, "decode_grid", None)
-    error = getattr(data, "DecodeError", None)
-    if decode is not None and error is not None:
-        return decode, error
-    return decode_tokens, ValueError
-
-
-def decode_tokens(tokens: list[int]) -> np.ndarray:
-    """Rows of colours each ending in ROW_END, optionally followed by EOS -> 2-D uint8 grid (ValueError if not)."""
-    if tokens and tokens[-1] == data.EOS:
-        tokens = tokens[:-1]
-    if not tokens or tokens[-1] != data.ROW_END:
-        raise ValueError("grid does not end with a row end")
-    rows: list[list[int]] = [[]]
-    for token in tokens[:-1]:
-        if token == data.ROW_END:
-            rows.append([])
-        elif 0 <= token <= 9:
-            rows[-1].append(token)
-        else:
-            raise ValueError(f"token {token} inside a grid")
-    width = len(rows[0])
-    if width == 0 or any(len(row) != width for row in rows) or len(rows) > 30 or width > 30:
-        raise ValueError("ragged or empty grid")
-    return np.array(rows, dtype=np.uint8)

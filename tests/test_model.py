@@ -288,12 +288,12 @@ def test_grid_grammar_stops_at_the_first_token_that_cannot_make_a_grid():
     assert first_rejected([7] * 30 + [R]) is None
 
 
-def test_decode_tokens():
-    grid = M.decode_tokens([1, 2, data.ROW_END, 3, 4, data.ROW_END, data.EOS])
+def test_generated_tokens_decode_with_the_data_modules_decoder():
+    grid = data.decode_grid([1, 2, data.ROW_END, 3, 4, data.ROW_END, data.EOS])
     assert grid.dtype == np.uint8 and grid.tolist() == [[1, 2], [3, 4]]
     for bad in ([1, 2, data.ROW_END, 3, data.ROW_END], [1, 2], [data.ROW_END], [1, data.INPUT, data.ROW_END]):
         with pytest.raises(ValueError):
-            M.decode_tokens(bad)
+            data.decode_grid(bad)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
