@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomic_io import replace_directory
 from errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -31,6 +32,7 @@ META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIX = ".tmp-"
+# atomic_io.RETIRED_PREFIX (".tmp-old-") starts with it, so a half-removed old checkpoint is swept too.
 
 
 def checkpoint_name(step: int) -> str:
@@ -86,7 +88,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], meta: dic
         _write_json(temporary / META_FILE, {"format": FORMAT_VERSION, **meta})
         _fsync_path(temporary / STATE_FILE)
         _fsync_path(temporary)
-        _replace_directory(temporary, final)
+        replace_directory(temporary, final)
         _fsync_path(directory)
     except OSError as err:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -207,17 +209,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     cuda_states = state.get("cuda")
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
-
-
-def _replace_directory(source: Path, target: Path) -> None:
-    """Move `source` to `target`; an existing `target` (same step saved twice) is swapped out first."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    retired = target.with_name(f"{_TEMP_PREFIX}old-{target.name}-{os.getpid()}")
-    os.replace(target, retired)
-    os.replace(source, target)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

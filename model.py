@@ -34,6 +34,7 @@ from torch import nn
 
 import arc_dataset as data
 from cli_common import DEFAULT_MODEL
+from atomic_io import replace_directory
 from errors import UserError
 
 TINY = "tiny"
@@ -328,13 +329,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, run_settings: dict[str
                       "lora": "merged into the weights" if is_lora(model) else None}
         (tmp / VOCAB_FILE).write_text(json.dumps(vocabulary, indent=2) + "\n")
         (tmp / SETTINGS_FILE).write_text(json.dumps(run_settings, indent=2, sort_keys=True, default=str) + "\n")
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

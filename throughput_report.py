@@ -21,13 +21,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from atomic_io import write_text_atomic
 from errors import UserError
 
 RESULT_FORMAT = "arc-throughput/1"
@@ -559,20 +558,8 @@ REQUIRED_KEYS = ("device", "settings", "per_batch_ms", "tokens_per_second", "pea
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON so a reader never sees half a file: a temporary file beside it, then os.replace."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the result JSON so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:

@@ -63,6 +63,7 @@ import checkpointing
 import distributed
 import throughput_report
 from arc_dataset import SYMBOLS, load_tasks
+from atomic_io import write_text_atomic
 from cli_common import (HelpFormatter, add_shared_args, non_negative_int, positive_int, speed_settings,
                         validate_shared_args)
 from errors import EXIT_INTERRUPTED, UserError, run_cli
@@ -404,9 +405,7 @@ class MetricsLog:
         if not self.enabled:
             return
         kept = [r for r in read_metrics(source) if r.get("step", 0) <= up_to_step]
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(temporary, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
