@@ -6,7 +6,7 @@ the trainer, and `speed_settings` names the settings whose change invalidates a 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Mapping
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
@@ -133,13 +133,16 @@ def _is_cuda_spec(text: str) -> bool:
     return prefix == "cuda" and index.isdigit()
 
 
-def speed_settings(args: argparse.Namespace, device_name: str, precision: str, world_size: int = 1,
-                   cpu_threads: int | None = None) -> dict[str, Any]:
+def speed_settings(args: argparse.Namespace, device_info: Mapping[str, Any], precision: str,
+                   world_size: int = 1) -> dict[str, Any]:
     """The settings that change how long a step takes; a benchmark result only applies when they match.
 
+    `device_info` is training.describe_device's: its name, and on CPU its thread count (a step on 1 thread
+    and on 8 differ several-fold, so a result measured with another count does not apply either).
     `world_size` is the number of torchrun processes (a 1-GPU result does not time a 2-GPU step, whose
-    gradients cross the bus). On CPU pass `cpu_threads` (torch.get_num_threads()): a step on 1 thread and
-    on 8 differ several-fold, so a result measured with another thread count does not apply either."""
+    gradients cross the bus)."""
+    device_name = str(device_info["name"])
+    cpu_threads = device_info.get("threads")
     settings = {
         "device": device_name,
         "precision": precision,

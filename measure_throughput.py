@@ -379,8 +379,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         drift=projection.drift, load_average=os.getloadavg()[0], cpu_count=os.cpu_count())
 
     total, trainable = model_lib.count_parameters(s.model)
-    settings = cli_common.speed_settings(args, device_name, s.precision.name, ctx.world_size,
-                                         _cpu_threads(s.device))
+    settings = cli_common.speed_settings(args, s.device_info, s.precision.name, ctx.world_size)
     settings["data_description"] = s.data_description
     command, why = next_command(args, rows, epoch_seconds, n_epoch, tier, launcher=_launcher(ctx))
     estimate = None
@@ -446,11 +445,6 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "next_command_why": why,
         "estimate": estimate,
     }
-
-
-def _cpu_threads(device: Any) -> int | None:
-    import torch
-    return torch.get_num_threads() if device.type == "cpu" else None
 
 
 def _launcher(ctx: Any) -> list[str]:

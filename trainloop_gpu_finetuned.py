@@ -604,8 +604,7 @@ class Trainer:
         args = self.args
         if args.throughput_json:
             result = throughput_report.load_result(args.throughput_json)
-            current = speed_settings(args, str(self.device_info["name"]), self.precision.name, self.ctx.world_size,
-                                     torch.get_num_threads() if self.device.type == "cpu" else None)
+            current = speed_settings(args, self.device_info, self.precision.name, self.ctx.world_size)
             if args.epochs == "auto":
                 epochs, max_batches, why = epochs_from_benchmark(result, args.throughput_json, args.time_budget,
                                                                  current, self._batches_per_epoch(0))

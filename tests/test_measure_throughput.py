@@ -94,7 +94,7 @@ def test_cpu_run_prints_the_guides_sections_and_writes_json(tasks_dir, tmp_path)
 
     # The settings the trainer checks are exactly cli_common's speed settings, plus what the data resolved to.
     args = mt.parse_args(_tiny(tasks_dir))
-    expected = cli_common.speed_settings(args, result["device"]["name"], "fp32", cpu_threads=1)  # OMP_NUM_THREADS
+    expected = cli_common.speed_settings(args, {"name": result["device"]["name"], "threads": 1}, "fp32")  # OMP_NUM_THREADS
     assert {k: result["settings"][k] for k in expected} == expected
     assert str(tasks_dir) in result["settings"]["data_description"]
 
@@ -161,7 +161,8 @@ def test_trainer_flags_repeat_every_non_default_shared_setting(tasks_dir):
     flags = mt.trainer_flags(args)
     assert "--num-batches" not in flags and "--warmup-steps" not in flags
     again = mt.parse_args(flags)
-    assert cli_common.speed_settings(again, "cpu", "fp32") == cli_common.speed_settings(args, "cpu", "fp32")
+    cpu = {"name": "cpu"}
+    assert cli_common.speed_settings(again, cpu, "fp32") == cli_common.speed_settings(args, cpu, "fp32")
     assert (again.seed, again.lr) == (7, 0.0003)
 
 

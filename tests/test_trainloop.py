@@ -192,8 +192,7 @@ def test_time_budget_stops_with_checkpoint_and_model_before_it_runs_out(tmp_path
 
 def _benchmark(tmp_path: Path, argv: list[str], batches: int, **changes) -> Path:
     args, _ = trainloop.parse_args(argv)
-    settings = speed_settings(args, training.describe_device(torch.device("cpu"))["name"], "fp32",
-                              cpu_threads=torch.get_num_threads())
+    settings = speed_settings(args, training.describe_device(torch.device("cpu")), "fp32")
     settings.update(changes)
     result = {"device": {"type": "cpu", "name": settings["device"], "precision": "fp32"}, "settings": settings,
               "per_batch_ms": {"mean": 10.0}, "tokens_per_second": 1000.0, "peak_memory_bytes": 0,
