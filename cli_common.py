@@ -161,3 +161,8 @@ def speed_settings(args: argparse.Namespace, device_info: Mapping[str, Any], pre
     if cpu_threads is not None:
         settings["cpu_threads"] = cpu_threads
     return settings
+
+
+def jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as plain JSON values (paths and other objects as strings), for result files and checkpoints."""
+    return {k: v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v) for k, v in values.items()}

@@ -398,7 +398,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": not timings.interrupted,
         "interrupted": timings.interrupted,
-        "device": {**_jsonable(s.device_info), "type": s.device.type, "precision": s.precision.name},
+        "device": {**cli_common.jsonable(s.device_info), "type": s.device.type, "precision": s.precision.name},
         "settings": settings,
         "world_size": ctx.world_size,
         "backend": ctx.backend,
@@ -454,10 +454,6 @@ def _launcher(ctx: Any) -> list[str]:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
     nodes = [] if per_node == ctx.world_size else ["--nnodes", str(ctx.world_size // per_node)]
     return ["torchrun", *nodes, "--nproc_per_node", str(per_node)]
-
-
-def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in info.items()}
 
 
 def next_command(args: argparse.Namespace, rows: list[report.Recommendation], epoch_seconds: float,

@@ -64,7 +64,7 @@ import distributed
 import throughput_report
 from arc_dataset import SYMBOLS, load_tasks
 from atomic_io import write_text_atomic
-from cli_common import (HelpFormatter, add_shared_args, non_negative_int, positive_int, speed_settings,
+from cli_common import (HelpFormatter, add_shared_args, jsonable, non_negative_int, positive_int, speed_settings,
                         validate_shared_args)
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 from distributed import DistributedContext
@@ -1112,7 +1112,7 @@ class Trainer:
             }
             meta = {"step": loop.step, "epoch": loop.epoch, "batch": loop.batch, "reason": reason,
                     "saved_at": datetime.now().isoformat(timespec="seconds"), "epochs": self.epochs,
-                    "args": _jsonable(vars(self.args)), "model_config": self.model.config.to_dict(),
+                    "args": jsonable(vars(self.args)), "model_config": self.model.config.to_dict(),
                     "vocabulary": list(SYMBOLS), "device": self.device_info, "precision": self.precision.name,
                     "last_eval": loop.last_eval, "world_size": ctx.world_size}
             checkpointing.save_checkpoint(self.checkpoint_dir, loop.step, state, meta, self.args.keep_checkpoints)
@@ -1129,7 +1129,7 @@ class Trainer:
     def _finish(self, outcome: str) -> int:
         args, loop = self.args, self.loop
         if outcome in ("completed", "time budget", "early stop"):
-            run_settings = {"args": _jsonable(vars(args)), "epochs_done": loop.epoch, "step": loop.step,
+            run_settings = {"args": jsonable(vars(args)), "epochs_done": loop.epoch, "step": loop.step,
                             "outcome": outcome, "last_eval": loop.last_eval, "best_eval": loop.best_eval,
                             "precision": self.precision.name, "device": self.device_info,
                             "world_size": self.ctx.world_size}
@@ -1184,11 +1184,6 @@ class Trainer:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.ctx.world_size))
         nodes = "" if per_node == self.ctx.world_size else f" --nnodes {self.ctx.world_size // per_node} ..."
         return f"torchrun{nodes} --nproc_per_node {per_node} trainloop_gpu_finetuned.py"
-
-
-def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    """Arguments as plain JSON values (paths as strings)."""
-    return {k: v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v) for k, v in values.items()}
 
 
 # ------------------------------------------------------------------------------------------------- main
