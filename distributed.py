@@ -32,13 +32,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from errors import UserError
+from errors import UserError, skip_interpreter_teardown
 
 T = TypeVar("T")
 
 # Evaluation or a checkpoint on one rank can keep the others waiting at the next collective; NCCL's default
 # of 10 minutes would kill a long evaluation, so allow more.
 DEFAULT_TIMEOUT = timedelta(minutes=60)
+# Process groups this process has left, kept alive to its end (see DistributedContext.cleanup).
+_LEFT_GROUPS: list[Any] = []
 
 
 def launched_by_torchrun() -> bool:
@@ -179,9 +181,16 @@ class DistributedContext:
         return holder[0]
 
     def cleanup(self) -> None:
-        """Leave the process group (call once at exit, also after an error, so torchrun ends cleanly)."""
+        """Leave the process group (call once at exit, also after an error, so torchrun ends cleanly).
+
+        The group objects themselves are never destroyed: a gloo group's destructor joins its worker threads
+        while holding the GIL, and a worker that is still releasing a finished collective's tensors needs the
+        GIL, so the process hangs (torch 2.13; 3 runs in 12 of a 2-process test on a loaded 2-core machine).
+        They stay referenced until errors.run_cli ends the process with os._exit, after flushing output."""
         if self.is_distributed and dist.is_initialized():
+            _LEFT_GROUPS.extend(group for group in (dist.group.WORLD, self.control_group) if group is not None)
             dist.destroy_process_group()
+            skip_interpreter_teardown()
 
     def __enter__(self) -> "DistributedContext":
         return self

@@ -236,4 +236,5 @@ def _worker(out: Path) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    _worker(Path(sys.argv[2]))
+    from errors import run_cli
+    run_cli(lambda: _worker(Path(sys.argv[2])))
