@@ -458,8 +458,11 @@ def _launcher(ctx: Any) -> list[str]:
 
 def next_command(args: argparse.Namespace, rows: list[report.Recommendation], epoch_seconds: float,
                  batches_per_epoch: int, tier: report.Tier, launcher: Sequence[str] = ("python",)) -> tuple[str, str]:
-    """The trainer command with these settings (started by `launcher`), and why that epoch count."""
-    flags = trainer_flags(args)
+    """The trainer command with these settings (started by `launcher`), and why that epoch count.
+
+    `--random-init` is not repeated: random weights time the same as the pretrained ones, and the point of
+    the run is to fine-tune the pretrained model (the trainer accepts this result for it)."""
+    flags = [flag for flag in trainer_flags(args) if flag != "--random-init"]
     if args.time_budget is not None:
         hours = report.parse_duration(args.time_budget) / 3600
         rec = report.recommend_for_budget(hours, epoch_seconds, batches_per_epoch, args.max_useful_epochs)
@@ -472,6 +475,9 @@ def next_command(args: argparse.Namespace, rows: list[report.Recommendation], ep
         rec = report.Recommendation(0, epochs, epochs * epoch_seconds / 3600, epochs, False, None)
         why = (f"the {tier.label.lower()} tier's suggestion, ~{report.format_hours(rec.total_hours)} of training "
                f"steps; pass --time-budget (e.g. 2h) to fit a budget, or pick from the table")
+    if args.random_init:
+        why += (f"; timed with random weights, it trains the pretrained {args.model_name} "
+                f"(add --random-init to train from scratch)")
     if rec.max_batches is not None:
         head = ["--epochs", "1", "--max-batches", str(max(1, rec.max_batches))]
     else:

@@ -177,6 +177,16 @@ def test_next_command_fits_the_time_budget_or_a_partial_epoch(tasks_dir):
     assert "--epochs 1 --max-batches 166 " in command
 
 
+def test_next_command_fine_tunes_the_pretrained_model_after_a_random_init_benchmark(tasks_dir):
+    from throughput_report import speed_tier
+    args = mt.parse_args(["--random-init", "--model-name", "Qwen/Qwen2.5-0.5B", "--device", "cpu",
+                          "--data", str(tasks_dir), "--max-length", "1024"])
+    command, why = mt.next_command(args, [], 600.0, 1000, speed_tier(600.0))
+    assert "--random-init" not in command
+    assert "--model-name Qwen/Qwen2.5-0.5B" in command and "--max-length 1024" in command
+    assert "trains the pretrained Qwen/Qwen2.5-0.5B" in why
+
+
 def test_out_of_memory_on_the_longest_batch_is_one_clear_error():
     shapes = [mt.report.BatchShape(1, 10, 10), mt.report.BatchShape(1, 50, 50)]
     chosen = []
