@@ -212,6 +212,22 @@ def test_non_finite_gradients_are_skipped_by_the_scaler_and_counted():
     assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_the_t4_precision_trains_for_real_fp16_autocast_with_fp32_master_weights_and_a_scaler():
+    """The T4's path (fp16 autocast, dynamic GradScaler) run for real: CPU autocast computes in fp16 too."""
+    model, batch = tiny(), fixed_batch()
+    step = make_step(model, precision=T.FP16)
+    seen: list[torch.dtype] = []
+    hook = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    first = float(step(batch).loss)
+    hook.remove()
+    for _ in range(29):
+        last = float(step(batch).loss)
+    assert seen == [torch.float16]  # the matmuls ran in fp16 ...
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # ... on fp32 master weights
+    assert step.scaler.is_enabled() and step.scaler.get_scale() >= 2.0 ** 16 and int(step.skipped_steps) == 0
+    assert last < first / 10
+
+
 def test_step_state_round_trips():
     model, batch = tiny(), fixed_batch()
     step = make_step(model, precision=T.Precision("fp32+scaler", None, True), grad_accum=2)
