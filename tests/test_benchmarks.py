@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,18 @@ def test_compare_hf_trainer_runs_both_recipes_and_writes_its_table(tmp_path: Pat
 def test_compare_hf_trainer_rejects_bad_flags_before_loading_anything() -> None:
     with pytest.raises(UserError, match="tokens-per-batch"):
         compare_hf_trainer.main(["--tokens-per-batch", "100", "--max-length", "512", "--batch-size", "2"])
+
+
+def test_gpu_check_rehearses_its_speed_stage_on_cpu(tmp_path: Path) -> None:
+    """The script a GPU lease runs, rehearsed as its header says: benchmark, one epoch, the summary."""
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "MODEL_ARGS": "--model-name tiny",
+           "EXTRA": f"--data {ROOT / 'data' / 'examples' / 'tasks.json'} --max-length 512",
+           "TRAIN_DIR": str(tmp_path / "train"), "WHEELS": str(tmp_path / "no-wheels"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "speed"],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((out / "throughput.json").read_text())["device"]["type"] == "cpu"
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("epoch: projected ") and "evaluation: " in summary
+    assert not (out / "compare.json").exists()  # the compare stage was not asked for
