@@ -172,6 +172,16 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> t
                              fused=fused or None)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore a checkpoint's optimizer state but keep this process's kernel choice (`fused`, `foreach`):
+    torch would otherwise take it from the checkpoint, so a run saved with the per-tensor loop (or on
+    another device) would resume without the fused kernel."""
+    kernel = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, kernel):
+        group.update(chosen)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                     min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the peak lr over `warmup_steps` optimizer steps, then cosine decay to

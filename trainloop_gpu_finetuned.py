@@ -71,7 +71,8 @@ from distributed import DistributedContext
 from evaluation import EvalResult, evaluate, merge_results, tasks_with_answers
 from model import count_parameters, save_model
 from run_setup import build_training_data, build_training_step
-from training import describe_device, oom_message, peak_memory_bytes, resolve_device, resolve_precision
+from training import (describe_device, load_optimizer_state, oom_message, peak_memory_bytes, resolve_device,
+                      resolve_precision)
 
 RUNS_DIR = Path("runs")
 METRICS_FILE = "metrics.jsonl"
@@ -660,7 +661,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state, meta = checkpointing.load_checkpoint(path)
         checkpointing.load_model_state(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         scheduler_state = dict(state["scheduler"])
         if "lr_lambdas" in scheduler_state:  # the schedule function is rebuilt from the (same) settings
             scheduler_state["lr_lambdas"] = [None] * len(scheduler_state["lr_lambdas"])

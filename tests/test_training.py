@@ -228,6 +228,21 @@ def test_the_t4_precision_trains_for_real_fp16_autocast_with_fp32_master_weights
     assert last < first / 10
 
 
+def test_a_restored_optimizer_keeps_this_processes_fused_kernel():
+    model = tiny()
+    old = T.build_optimizer(model, lr=1e-3)
+    for group in old.param_groups:
+        group["fused"] = None  # as saved by a run with the per-tensor loop
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    optimizer = T.build_optimizer(model, lr=1e-3)
+    T.load_optimizer_state(optimizer, old.state_dict())
+    assert all(group["fused"] for group in optimizer.param_groups)
+    assert all(int(optimizer.state[p]["step"]) == 1 for p in model.parameters())  # the state itself came back
+    optimizer.step()
+
+
 def test_step_state_round_trips():
     model, batch = tiny(), fixed_batch()
     step = make_step(model, precision=T.Precision("fp32+scaler", None, True), grad_accum=2)
