@@ -18,12 +18,6 @@ class UserError(Exception):
     """A problem the user can fix; its message is the single line shown to them."""
 
 
-def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
-    """Print `error: message` on stderr and exit with `code`."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
 _skip_teardown = False
 
 

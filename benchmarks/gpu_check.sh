@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, sized for a machine lent for a few minutes (10 minutes a command), in two
-# stages, each well under 10 minutes on an H100 (run them back to back while the machine is warm):
+# stages, each capped by timeouts inside 10 minutes (run them back to back while the machine is warm):
 #   speed    the benchmark on the real Qwen2.5-0.5B architecture (random weights: no download), then one full
 #            training epoch with the same settings, and how far its measured epoch_seconds landed from the
 #            benchmark's projection (issue 4's goal: within 3%); also the evaluation time per test input.
@@ -22,7 +22,8 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 fi
-read -r -a common <<< "--device ${DEVICE:-cuda} ${MODEL_ARGS:---random-init} ${EXTRA:-}"
+device=${DEVICE:-cuda}
+read -r -a common <<< "--device $device ${MODEL_ARGS:---random-init} ${EXTRA:-}"
 train_dir=${TRAIN_DIR:-/tmp/gpu_check_train}   # checkpoints of a 0.5B model are GBs: not under OUT
 
 { nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv 2>/dev/null || echo "no nvidia-smi"
@@ -55,6 +56,6 @@ PY
 fi
 if [[ $stage == compare || $stage == all ]]; then
     read -r -a compare <<< "${COMPARE_ARGS:---model-shape qwen2.5-0.5b --steps 10 --batch-size 8 --max-length 8192}"
-    timeout 500 "$py" benchmarks/compare_hf_trainer.py --device "${DEVICE:-cuda}" "${compare[@]}" \
+    timeout 500 "$py" benchmarks/compare_hf_trainer.py --device "$device" "${compare[@]}" \
         --json "$out/compare.json" 2>&1 | tee "$out/compare.log"
 fi
