@@ -366,9 +366,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
     total_memory = s.device_info.get("total_memory_bytes")
     skipped = int(s.step.skipped_steps)  # note: a sync point, once, after timing
     best = projection.best
-    overhead_share = None
-    if best.kind != "constant":
-        overhead_share = best.model.coefficients[0] / (sum(total_ms) / len(total_ms))
+    overhead_share = report.fixed_cost_share(projection, sum(total_ms) / len(total_ms))
     data_share = sum(timings.data_ms) / sum(total_ms)
     measurements = report.Measurements(
         device_type=s.device.type, data_share=data_share,

@@ -11,8 +11,8 @@ smaller. Token id i of the compact model is arc_dataset's id i, so no tokenizer 
     settings = ModelSettings("tiny")                          # 2-layer Qwen2 for tests and smoke runs
     model = load_model(settings)                              # fp32 on CPU; move it with .to(device)
 
-Training inputs: `model(**model_inputs(batch, attention_implementation(model)))` keeps packed samples
-from attending to each other. Saved folders (`save_model`) load back with `load_saved_model(path)`, or with plain
+Training inputs: `model(**model_inputs(batch, attention_implementation(model), attention_layer_types(model)))`
+keeps packed samples from attending to each other. Saved folders (`save_model`) load back with `load_saved_model(path)`, or with plain
 `AutoModelForCausalLM.from_pretrained(path)`: LoRA adapters are merged into the weights before saving.
 """
 from __future__ import annotations
@@ -361,8 +361,17 @@ def load_run_settings(path: str | os.PathLike) -> dict[str, Any]:
 
 def attention_implementation(model: nn.Module) -> str:
     """The attention kernel the model was built with ('sdpa', 'eager', ...): it decides the mask's form."""
-    config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
-    return getattr(config, "_attn_implementation", None) or "sdpa"
+    return getattr(_config(model), "_attn_implementation", None) or "sdpa"
+
+
+def attention_layer_types(model: nn.Module) -> frozenset[str]:
+    """The kinds of attention layer the model has ('full_attention', 'sliding_attention'): one mask each."""
+    return frozenset(getattr(_config(model), "layer_types", None) or ("full_attention",))
+
+
+def _config(model: nn.Module):
+    model = getattr(model, "module", model)  # DDP keeps the model in .module
+    return getattr(model, "config", None)
 
 
 def packed_attention_mask(segment_ids: torch.Tensor, attn_implementation: str = "sdpa",
@@ -383,18 +392,31 @@ def packed_attention_mask(segment_ids: torch.Tensor, attn_implementation: str = 
     return allowed
 
 
-def model_inputs(batch: data.Batch, attn_implementation: str = "sdpa") -> dict[str, Any]:
+def model_inputs(batch: data.Batch, attn_implementation: str = "sdpa",
+                 layer_types: frozenset[str] = frozenset({"full_attention"})) -> dict[str, Any]:
     """The keyword arguments for `model(...)` that keep every sample's attention inside itself.
 
-    Packed rows (segment_ids set) get an explicit block-diagonal causal mask; flash-attention kernels
-    instead find the sample boundaries from the restarting position_ids. Padded rows get the 2-D mask.
+    Packed rows (segment_ids set) get their restarting position_ids and a block-diagonal causal mask; padded
+    rows the same mask built from their attention_mask (padding is segment 0). The mask goes in already
+    prepared (`{"full_attention": mask}`), because transformers, left to build it, reads a device value back
+    on every forward to check for packing or padding: a GPU stall per step. Rows with neither get no mask at
+    all, so SDPA runs its causal flash kernel. Models with other layer kinds (sliding windows) and eager
+    attention without a mask keep transformers' own mask building.
     """
-    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
-    if batch.segment_ids is not None:
-        if not attn_implementation.startswith("flash"):
-            kwargs["attention_mask"] = packed_attention_mask(batch.segment_ids, attn_implementation)
-    elif batch.attention_mask is not None:
-        kwargs["attention_mask"] = batch.attention_mask
+    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "use_cache": False}
+    packed = batch.segment_ids is not None
+    if packed:
+        kwargs["position_ids"] = batch.position_ids  # unpacked rows: the default 0..T-1 is right
+    if attn_implementation.startswith("flash"):  # finds packed samples from position_ids, padding from the 2-D mask
+        if not packed and batch.attention_mask is not None:
+            kwargs["attention_mask"] = batch.attention_mask
+        return kwargs
+    segments = batch.segment_ids if packed else batch.attention_mask  # padding is segment 0
+    mask = None if segments is None else packed_attention_mask(segments, attn_implementation)
+    if layer_types == {"full_attention"} and (mask is not None or attn_implementation != "eager"):
+        kwargs["attention_mask"] = {"full_attention": mask}  # prepared: transformers builds and reads nothing
+    elif mask is not None:
+        kwargs["attention_mask"] = mask if packed else batch.attention_mask
     return kwargs
 
 

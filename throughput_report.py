@@ -252,6 +252,16 @@ def project_epoch(epoch_shapes: Sequence[BatchShape], timed_positions: Sequence[
     return EpochProjection(n_epoch, projections, recommended, reason, drift)
 
 
+def fixed_cost_share(projection: EpochProjection, mean_ms: float) -> float | None:
+    """The share of a batch's time that does not depend on its length: the a + b*tokens fit's intercept over
+    the mean batch time (None with too few batches for that fit). Used whichever projection is recommended:
+    when time does not depend on length at all, the plain mean wins and the share is all of it."""
+    linear = projection.projections.get("linear")
+    if linear is None or mean_ms <= 0:
+        return None
+    return min(1.0, max(0.0, linear.model.coefficients[0] / mean_ms))
+
+
 def timing_drift(model: CostModel, shapes: Sequence[BatchShape], ms: Sequence[float],
                  threshold: float = 0.02) -> float | None:
     """How much slower (+) or faster (-) the second half of the timed batches ran than the first, after allowing
@@ -482,8 +492,9 @@ def diagnose(m: Measurements) -> list[str]:
         # The host issues every kernel from Python and the optimizer update costs the same for any batch, so a
         # large length-independent share means the GPU is fed too little work per step.
         found.append(f"CPU/launch-bound steps: {m.overhead_share:.0%} of a batch's time does not depend on its "
-                     f"length (fixed per-step cost: Python and kernel launches, the optimizer update); bigger "
-                     f"batches (--batch-size or --tokens-per-batch) amortise it")
+                     f"length (fixed per-step cost: Python and kernel launches, the optimizer update), so the GPU "
+                     f"idles; more tokens per step amortise it: a larger --batch-size (8: length-grouped, ~95% "
+                     f"real tokens, fewer optimizer steps per epoch) or --tokens-per-batch")
     if m.drift is not None:
         found.append(f"the device's speed drifted: the second half of the timed batches ran {abs(m.drift):.0%} "
                      f"{'slower' if m.drift > 0 else 'faster'} than the first for the same lengths (thermal "

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 if str(PROJECT_DIR) not in sys.path:
@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 import arc_dataset as data  # noqa: E402
 import cli_common  # noqa: E402
+from atomic_io import write_text_atomic  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 
 BUNDLED_05B = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -352,8 +353,11 @@ def summarise(runs: list[dict[str, Any]], epoch_tokens: int) -> dict[str, Any]:
             "precision": runs[-1]["precision"], "memory_kind": runs[-1]["memory_kind"], "rounds": runs}
 
 
-def compare(args: argparse.Namespace) -> dict[str, Any]:
-    from training import describe_device, resolve_device
+def compare(args: argparse.Namespace, report: Callable[[dict[str, Any]], None] = lambda result: None
+            ) -> dict[str, Any]:
+    """Every batch size's comparison; `report` gets the result so far after each one (a run cut short by a
+    time limit keeps what it finished)."""
+    from training import resolve_device
 
     device = resolve_device(args.device)
     if args.threads:
@@ -381,6 +385,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                       "epoch_seconds": ours["epoch_seconds"] / theirs["epoch_seconds"],
                       "peak_memory": ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]}
         comparisons[str(batch_size)] = {"ours": ours, "trainer": theirs, "ratios": ratios}
+        report(_result(args, device, description, epoch, epoch_tokens, comparisons))
+    return _result(args, device, description, epoch, epoch_tokens, comparisons)
+
+
+def _result(args, device, description, epoch, epoch_tokens, comparisons) -> dict[str, Any]:
+    from training import describe_device
+
     config = shape_config(args.model_shape)
     return {"date": time.strftime("%Y-%m-%d"), "device": describe_device(device), "torch": torch.__version__,
             "model_shape": args.model_shape,
@@ -447,11 +458,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return worker_main(args)
     print("running each recipe in its own process, alternating:", flush=True)
-    result = compare(args)
+
+    def report(result: dict[str, Any]) -> None:
+        batch_size, latest = next(reversed(result["comparisons"].items()))
+        rates = ", ".join(f"{recipe} " + ("out of memory" if latest[recipe].get("oom") else
+                                          f"{latest[recipe]['tokens_per_second']:.0f} real tok/s")
+                          for recipe in RECIPES)
+        print(f"  batch {batch_size} done: {rates}", flush=True)
+        if args.json:
+            write_text_atomic(args.json, json.dumps(result, indent=2))
+
+    result = compare(args, report)
     print()
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 

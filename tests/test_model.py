@@ -247,6 +247,37 @@ def test_padded_batch_logits_equal_single_sample_logits(tiny):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_training_inputs_skip_transformers_mask_building_that_syncs_the_host(tiny, monkeypatch):
+    """Left to build the mask, transformers reads a device value back on every forward (is this packed? is
+    anything padded?), a GPU stall per step. Single, padded and packed rows all arrive with the mask prepared,
+    and give the logits transformers' own mask gives."""
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    built = []
+    real_builder = qwen2.create_causal_mask
+    monkeypatch.setattr(qwen2, "create_causal_mask", lambda **kw: built.append(1) or real_builder(**kw))
+    long = [data.BOS, data.INPUT, 1, 2, data.ROW_END, data.OUTPUT, 3, data.EOS]
+    short = [data.BOS, data.INPUT, 5, data.ROW_END, data.OUTPUT, 6, data.EOS]
+    single = data.Batch(torch.tensor([long]), torch.tensor([long]), torch.arange(8)[None], None, None, 8, 2, [])
+    padded = data.Batch(torch.tensor([long, short + [data.PAD]]), torch.tensor([long, short + [data.PAD]]),
+                        torch.arange(8).expand(2, 8).clone(), torch.tensor([[1] * 8, [1] * 7 + [0]]), None, 15, 4, [])
+    packed = data.Batch(torch.tensor([long + short]), torch.tensor([long + short]),
+                        torch.tensor([list(range(8)) + list(range(7))]), None, torch.tensor([[1] * 8 + [2] * 7]),
+                        15, 4, [])
+    tiny.eval()
+    with torch.no_grad():
+        ours = [tiny(**M.model_inputs(b, M.attention_implementation(tiny), M.attention_layer_types(tiny))).logits
+                for b in (single, padded, packed)]
+        assert not built
+        reference = [tiny(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in (single, padded)]
+        assert built  # the builder is the one the model calls, so the assertion above can fail
+        separate = [tiny(input_ids=torch.tensor([ids])).logits[0] for ids in (long, short)]
+    torch.testing.assert_close(ours[0], reference[0])
+    torch.testing.assert_close(ours[1][0], reference[1][0])
+    torch.testing.assert_close(ours[1][1, :7], reference[1][1, :7])
+    torch.testing.assert_close(ours[2][0], torch.cat(separate), rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_generation_with_the_cache_matches_recomputing_and_stays_in_the_grid_alphabet(tiny):
     prompt = torch.tensor([data.BOS, data.INPUT, 1, 2, data.ROW_END, data.OUTPUT])
     tokens = M.generate_tokens(tiny, prompt, max_new_tokens=40)

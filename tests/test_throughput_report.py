@@ -11,7 +11,7 @@ import pytest
 from errors import UserError
 from throughput_report import (
     BatchShape, CostModel, Measurements, Stats, TIER_LIMITS_SECONDS, cross_validated_rmse, diagnose,
-    format_recommendations, load_result, parse_duration, duration_arg, peak_flops, project_epoch,
+    fixed_cost_share, format_recommendations, load_result, parse_duration, duration_arg, peak_flops, project_epoch,
     recommend_for_budget, recommendations, settings_mismatches, speed_tier, write_json_atomic,
 )
 
@@ -167,6 +167,23 @@ def test_diagnostics_come_from_measurements():
     assert diagnose(cpu) == []
     busy = Measurements("cpu", 0.01, None, None, 0.9, 0, 10, "fp32", load_average=5.5, cpu_count=2)
     assert ["load average 5.5 on 2 CPUs" in d for d in diagnose(busy)] == [True]
+
+
+def test_fixed_cost_share_is_reported_even_when_time_ignores_length():
+    """An H200 at batch size 1 took ~100 ms a batch whatever its length: the plain mean is the recommended
+    projection there, and the length-independent share must still say 'nearly all of it'."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(100, 7000, 400)
+    shapes = [BatchShape(1, int(n), int(n)) for n in lengths]
+    flat = rng.normal(100.0, 15.0, 400)                         # no length dependence
+    projection = project_epoch(shapes, list(range(400)), flat)
+    assert projection.recommended == "constant"
+    assert fixed_cost_share(projection, float(flat.mean())) > 0.9
+    sloped = 20.0 + 0.02 * lengths + rng.normal(0, 1.0, 400)    # 20 ms fixed of ~90 ms on average
+    projection = project_epoch(shapes, list(range(400)), sloped)
+    assert fixed_cost_share(projection, float(sloped.mean())) == pytest.approx(20 / sloped.mean(), abs=0.02)
+    few = project_epoch(shapes[:5], list(range(5)), flat[:5])   # too few batches for the a + b*tokens fit
+    assert fixed_cost_share(few, float(flat[:5].mean())) is None
 
 
 @pytest.mark.parametrize("text, seconds", [("2h", 7200), ("30m", 1800), ("1.5 hours", 5400), ("45min", 2700),

@@ -308,3 +308,15 @@ def test_tiny_model_learns_a_task_family_and_solves_held_out_instances():
 def test_measured_matmul_peak_is_a_plausible_cpu_rate():
     flops = T.measure_matmul_peak(torch.device("cpu"), T.FP32, seconds=0.1, size=256)
     assert 1e8 < flops < 1e13  # 0.1 GFLOP/s .. 10 TFLOP/s: a real measurement of this CPU, not a constant
+
+
+def test_cuda_steps_keep_attention_off_cudnn_plans_that_rebuild_per_length():
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        T.avoid_per_shape_attention_plans(torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # CPU runs leave the process's settings alone
+        T.avoid_per_shape_attention_plans(torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
