@@ -365,8 +365,9 @@ def attention_implementation(model: nn.Module) -> str:
 
 
 def attention_layer_types(model: nn.Module) -> frozenset[str]:
-    """The kinds of attention layer the model has ('full_attention', 'sliding_attention'): one mask each."""
-    return frozenset(getattr(_config(model), "layer_types", None) or ("full_attention",))
+    """The kinds of attention layer the model has ('full_attention', 'sliding_attention'), one mask each;
+    empty for a model whose config does not list them (it may not take prepared masks)."""
+    return frozenset(getattr(_config(model), "layer_types", None) or ())
 
 
 def _config(model: nn.Module):
@@ -400,8 +401,8 @@ def model_inputs(batch: data.Batch, attn_implementation: str = "sdpa",
     rows the same mask built from their attention_mask (padding is segment 0). The mask goes in already
     prepared (`{"full_attention": mask}`), because transformers, left to build it, reads a device value back
     on every forward to check for packing or padding: a GPU stall per step. Rows with neither get no mask at
-    all, so SDPA runs its causal flash kernel. Models with other layer kinds (sliding windows) and eager
-    attention without a mask keep transformers' own mask building.
+    all, so SDPA runs its causal flash kernel. Models with other or unlisted layer kinds (sliding windows)
+    and eager attention without a mask keep transformers' own mask building.
     """
     kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "use_cache": False}
     packed = batch.segment_ids is not None

@@ -276,6 +276,9 @@ def test_training_inputs_skip_transformers_mask_building_that_syncs_the_host(tin
     torch.testing.assert_close(ours[1][0], reference[1][0])
     torch.testing.assert_close(ours[1][1, :7], reference[1][1, :7])
     torch.testing.assert_close(ours[2][0], torch.cat(separate), rtol=1e-5, atol=1e-5)
+    # A config that does not list its layer kinds may not take prepared masks: the plain forms instead.
+    assert M.model_inputs(padded, "sdpa", frozenset())["attention_mask"] is padded.attention_mask
+    assert "attention_mask" not in M.model_inputs(single, "sdpa", frozenset())
 
 
 def test_greedy_generation_with_the_cache_matches_recomputing_and_stays_in_the_grid_alphabet(tiny):
