@@ -19,7 +19,7 @@ import torch
 
 from arc_dataset import (MAX_TARGET_TOKENS, Augmentation, Sample, Task, augment_sample, encode_prompt,
                          evaluation_samples)
-from model import generate_grid
+from model import generate_grids
 
 
 @dataclass
@@ -108,53 +108,61 @@ def second_attempt_view(sample: Sample, seed: int) -> Augmentation:
     return augmentation
 
 
-def predict(model: torch.nn.Module, sample: Sample, max_length: int, precision, device: torch.device,
-            augmentation: Augmentation | None = None) -> np.ndarray | None:
-    """Greedy prediction for one sample (seen through `augmentation`, mapped back), None if not a grid."""
-    view = sample if augmentation is None else augment_sample(sample, augmentation)
-    prompt = torch.from_numpy(encode_prompt(view, max_length)).to(device)
-    grid = generate_grid(model, prompt, MAX_TARGET_TOKENS, precision)
-    if grid is None or augmentation is None:
-        return grid
-    return augmentation.invert(grid)
+def predict(model: torch.nn.Module, samples: Sequence[Sample], max_length: int, precision,
+            views: Sequence[Augmentation | None]) -> list[np.ndarray | None]:
+    """Greedy predictions for samples decoded together, each seen through its view (an augmentation, mapped
+    back, or None), None where the output is not a grid."""
+    prompts = [torch.from_numpy(encode_prompt(s if v is None else augment_sample(s, v), max_length))
+               for s, v in zip(samples, views)]
+    grids = generate_grids(model, prompts, MAX_TARGET_TOKENS, precision)
+    return [g if g is None or v is None else v.invert(g) for g, v in zip(grids, views)]
 
 
 def evaluate(model: torch.nn.Module, tasks: Sequence[Task], *, max_length: int, precision,
-             device: torch.device, attempts: int = 1, seed: int = 0,
+             device: torch.device, attempts: int = 1, seed: int = 0, batch_size: int = 8,
              should_stop: Callable[[], bool] | None = None,
              progress: Callable[[int, int], None] | None = None) -> EvalResult | None:
     """Greedy exact-match accuracy on the test inputs of `tasks` (call `tasks_with_answers` first).
 
-    Returns None when `should_stop()` turns true part-way (Ctrl-C, the time budget): a partial score
-    would not compare with the others. `progress(done, total)` is called after each test input.
-    The model is put in eval mode and restored to the mode it had.
+    Test inputs are decoded `batch_size` at a time, in order of prompt length (little padding), each batch's
+    second attempts right after it. Returns None when `should_stop()` turns true part-way (Ctrl-C, the time
+    budget): a partial score would not compare with the others. `progress(done, total)` is called for each
+    test input once it is scored. The model is put in eval mode and restored to the mode it had; `device`
+    is where the model is (decoding follows the model).
     """
     if attempts not in (1, 2):
         raise ValueError(f"attempts must be 1 or 2, got {attempts}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     samples = evaluation_samples(tasks)
     result = EvalResult(attempts=attempts, num_tasks=len(tasks))
     per_task: dict[str, list[bool]] = {task.task_id: [] for task in tasks}
+    by_length = sorted(samples, key=lambda s: len(encode_prompt(s, max_length)))
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
-        for done, sample in enumerate(samples, 1):
+        for first in range(0, len(by_length), batch_size):
             if should_stop is not None and should_stop():
                 return None
-            views = [None] if attempts == 1 else [None, second_attempt_view(sample, seed)]
-            correct = False
-            for k, view in enumerate(views):
-                guess = predict(model, sample, max_length, precision, device, view)
-                result.malformed += guess is None
-                if guess is not None and np.array_equal(guess, sample.target):
-                    correct = True
-                    result.correct_first += k == 0
-                    break
-            result.num_inputs += 1
-            result.correct_inputs += correct
-            per_task[sample.task_id].append(correct)
-            if progress is not None:
-                progress(done, len(samples))
+            chunk = by_length[first:first + batch_size]
+            guesses = predict(model, chunk, max_length, precision, [None] * len(chunk))
+            right = [g is not None and np.array_equal(g, s.target) for g, s in zip(guesses, chunk)]
+            result.malformed += sum(g is None for g in guesses)
+            result.correct_first += sum(right)
+            retry = [k for k, ok in enumerate(right) if not ok] if attempts == 2 else []
+            if retry:
+                views = [second_attempt_view(chunk[k], seed) for k in retry]
+                second = predict(model, [chunk[k] for k in retry], max_length, precision, views)
+                result.malformed += sum(g is None for g in second)
+                for k, g in zip(retry, second):
+                    right[k] = g is not None and np.array_equal(g, chunk[k].target)
+            for sample, ok in zip(chunk, right):
+                result.num_inputs += 1
+                result.correct_inputs += ok
+                per_task[sample.task_id].append(ok)
+                if progress is not None:
+                    progress(result.num_inputs, len(samples))
     finally:
         model.train(was_training)
     result.solved = {task_id: bool(marks) and all(marks) for task_id, marks in per_task.items()}

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -478,41 +478,81 @@ class GridGrammar:
 
 
 @torch.no_grad()
-def generate_tokens(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, precision=None) -> list[int]:
-    """Greedy decoding with the KV cache; only colours, row ends and EOS can be produced. Stops after EOS."""
+def generate_token_batch(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
+                         precision=None) -> list[list[int]]:
+    """Greedy decoding of several prompts at once with one KV cache; only colours, row ends and EOS can be
+    produced. Each row stops on its own, after EOS or once its output can no longer be a grid.
+
+    A decode step is launch-bound on a GPU (one token per row through every layer), so 8 rows cost little
+    more than 1. Prompts are padded on the left, with the mask and positions that make each row decode as
+    it would alone."""
     device = next(model.parameters()).device
-    ids = prompt_ids.reshape(1, -1).to(device)
+    rows = len(prompts)
+    lengths = torch.tensor([int(p.numel()) for p in prompts])
+    pads = lengths.max() - lengths
+    ids = torch.full((rows, int(lengths.max())), data.PAD, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, int(pads[row]):] = prompt.reshape(-1).cpu()
+    inputs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": True}
+    padded = bool(pads.any())
+    if padded:
+        mask = (torch.arange(ids.shape[1])[None, :] >= pads[:, None]).long().to(device)
+        inputs.update(attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        next_positions = lengths.to(device)[:, None]
     max_new_tokens = min(max_new_tokens, MAX_GRID_TOKENS)
     blocked = ~GENERATABLE.to(device)
     dtype = getattr(precision, "autocast_dtype", None)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    grammars = [GridGrammar() for _ in range(rows)]
+    active = [True] * rows
     was_training = model.training
     model.eval()
-    tokens: list[int] = []
-    grammar = GridGrammar()
     try:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(input_ids=ids, use_cache=True)
+            out = model(**inputs)
             for _ in range(max_new_tokens):
-                logits = out.logits[0, -1, :data.VOCAB_SIZE].float().masked_fill(blocked, -math.inf)
-                token = int(logits.argmax())  # host sync: needed to know whether to stop
-                tokens.append(token)
-                if token == data.EOS or not grammar.accepts(token):
-                    break  # done, or the output can no longer be a grid: stop instead of running to the cap
-                out = model(input_ids=torch.tensor([[token]], device=device),
-                            cache=out.cache, use_cache=True)
+                chosen = out.logits[:, -1, :data.VOCAB_SIZE].float().masked_fill(blocked, -math.inf).argmax(-1)
+                for row, token in enumerate(chosen.tolist()):  # host sync: needed to know which rows stop
+                    if active[row]:
+                        tokens[row].append(token)
+                        # Done, or the output can no longer be a grid: stop instead of running to the cap.
+                        active[row] = token != data.EOS and grammars[row].accepts(token)
+                if not any(active):
+                    break
+                inputs = {"input_ids": chosen[:, None], "cache": out.cache, "use_cache": True}
+                if padded:
+                    mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                    inputs.update(attention_mask=mask, position_ids=next_positions)
+                    next_positions = next_positions + 1
+                out = model(**inputs)
     finally:
         model.train(was_training)
     return tokens
+
+
+def generate_tokens(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, precision=None) -> list[int]:
+    """Greedy decoding of one prompt (see generate_token_batch)."""
+    return generate_token_batch(model, [prompt_ids], max_new_tokens, precision)[0]
+
+
+def tokens_to_grid(tokens: Sequence[int]) -> np.ndarray | None:
+    """The grid that generated tokens spell, or None if malformed (no EOS, ragged rows, ...)."""
+    if not tokens or tokens[-1] != data.EOS:
+        return None
+    try:
+        return data.decode_grid(list(tokens))
+    except data.DecodeError:
+        return None
+
+
+def generate_grids(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int = MAX_GRID_TOKENS,
+                   precision=None) -> list[np.ndarray | None]:
+    """Greedy-decode the output grids of several prompts at once (see generate_token_batch)."""
+    return [tokens_to_grid(t) for t in generate_token_batch(model, prompts, max_new_tokens, precision)]
 
 
 def generate_grid(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int = MAX_GRID_TOKENS,
                   precision=None) -> np.ndarray | None:
     """Greedy-decode the output grid for a prompt ending in the query's OUTPUT token; None if malformed
     (no EOS within max_new_tokens, ragged rows, ...)."""
-    tokens = generate_tokens(model, prompt_ids, max_new_tokens, precision)
-    if not tokens or tokens[-1] != data.EOS:
-        return None
-    try:
-        return data.decode_grid(tokens)
-    except data.DecodeError:
-        return None
+    return tokens_to_grid(generate_tokens(model, prompt_ids, max_new_tokens, precision))

@@ -1,6 +1,7 @@
 """Exact-match evaluation: counting per test input and per task, pass@2 through an augmented view mapped
-back, stopping part-way, and the model's mode. Generation is replaced by small fakes so each case is exact
-and instant; the learning test in test_trainloop.py runs the real greedy decoding end to end."""
+back, decoding in batches, stopping part-way, and the model's mode. Generation is replaced by small fakes so
+each case is exact and instant; the learning test in test_trainloop.py runs the real greedy decoding end to
+end, and test_model.py checks batched decoding against one prompt at a time."""
 from __future__ import annotations
 
 import numpy as np
@@ -55,8 +56,17 @@ class FakeGenerator:
         return (query + 1) % 10 if self.calls in self.wrong_calls else query
 
 
-def _run(monkeypatch, tasks, generator, **kwargs):
-    monkeypatch.setattr(evaluation, "generate_grid", generator)
+def _batched(generator, batches=None):
+    """model.generate_grids from a one-prompt fake; `batches` collects how many prompts each call had."""
+    def generate_grids(model, prompts, max_new_tokens, precision):
+        if batches is not None:
+            batches.append(len(prompts))
+        return [generator(model, prompt, max_new_tokens, precision) for prompt in prompts]
+    return generate_grids
+
+
+def _run(monkeypatch, tasks, generator, batches=None, **kwargs):
+    monkeypatch.setattr(evaluation, "generate_grids", _batched(generator, batches))
     model = torch.nn.Linear(1, 1)
     return evaluate(model, tasks, max_length=512, precision=FP32, device=torch.device("cpu"), **kwargs)
 
@@ -75,11 +85,12 @@ def test_counts_per_input_and_per_task(monkeypatch):
 
 def test_second_attempt_is_an_augmented_view_mapped_back(monkeypatch):
     tasks = [_copy_task(f"t{k}", seed=k) for k in range(4)]
-    # Every first attempt fails; the second sees a rotated, recoloured task, copies its query, and that
-    # prediction is right only if evaluation maps it back to the original orientation and colours.
-    generator = FakeGenerator(fail_calls={1, 3, 5, 7})
-    result = _run(monkeypatch, tasks, generator, attempts=2)
-    assert generator.calls == 8
+    # Every first attempt fails (the batch's four first attempts come first); the second sees a rotated,
+    # recoloured task, copies its query, and that prediction is right only if evaluation maps it back to
+    # the original orientation and colours.
+    generator, batches = FakeGenerator(fail_calls={1, 2, 3, 4}), []
+    result = _run(monkeypatch, tasks, generator, batches, attempts=2)
+    assert generator.calls == 8 and batches == [4, 4]
     assert result.correct_inputs == 4 and result.correct_first == 0 and result.solved_tasks == 4
     assert result.metrics()["eval_pass1_accuracy"] == 0.0
     assert "first attempt 0.0%" in result.describe()
@@ -100,9 +111,27 @@ def test_wrong_shape_is_wrong(monkeypatch):
 
 def test_stop_request_abandons_the_evaluation(monkeypatch):
     calls = []
-    result = _run(monkeypatch, [_copy_task("a"), _copy_task("b")], FakeGenerator(),
+    result = _run(monkeypatch, [_copy_task("a"), _copy_task("b")], FakeGenerator(), batch_size=1,
                   should_stop=lambda: len(calls) >= 1, progress=lambda done, total: calls.append(done))
     assert result is None and calls == [1]
+
+
+def test_inputs_decode_in_batches_shortest_prompts_first(monkeypatch):
+    rng = np.random.default_rng(0)
+    sizes = [5, 2, 4, 3, 6]   # query (and demo) sides: prompt lengths grow with them
+    tasks = [Task(f"s{n}", [(g, g.copy()) for g in [rng.integers(0, 10, (n, n)).astype(np.uint8)] * 2],
+                  [(rng.integers(0, 10, (n, n)).astype(np.uint8),) * 2]) for n in sizes]
+    seen, batches, progress = [], [], []
+
+    def generator(model, prompt, max_new_tokens, precision):
+        seen.append(len(prompt))
+        return _query_of(prompt)
+
+    result = _run(monkeypatch, tasks, generator, batches, batch_size=2,
+                  progress=lambda done, total: progress.append((done, total)))
+    assert batches == [2, 2, 1] and seen == sorted(seen)
+    assert progress == [(k, 5) for k in range(1, 6)]
+    assert result.correct_inputs == 5 and result.solved_tasks == 5
 
 
 def test_model_mode_is_restored(monkeypatch):
@@ -112,7 +141,7 @@ def test_model_mode_is_restored(monkeypatch):
         seen.append(model.training)
         return _query_of(prompt)
 
-    monkeypatch.setattr(evaluation, "generate_grid", generator)
+    monkeypatch.setattr(evaluation, "generate_grids", _batched(generator))
     model = torch.nn.Linear(1, 1)
     model.train()
     evaluate(model, [_copy_task("a")], max_length=512, precision=FP32, device=torch.device("cpu"))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,47 @@ def test_training_inputs_skip_transformers_mask_building_that_syncs_the_host(tin
     # A config that does not list its layer kinds may not take prepared masks: the plain forms instead.
     assert M.model_inputs(padded, "sdpa", frozenset())["attention_mask"] is padded.attention_mask
     assert "attention_mask" not in M.model_inputs(single, "sdpa", frozenset())
+
+
+def test_batched_decoding_matches_each_prompt_alone(tiny):
+    """Left-padded rows with their mask and positions decode exactly as each prompt does by itself."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.tensor([data.BOS, data.INPUT, *torch.randint(0, 10, (n,), generator=g).tolist(),
+                             data.ROW_END, data.OUTPUT]) for n in (6, 17, 33, 50)]
+    batched = M.generate_token_batch(tiny, prompts, 60)
+    assert batched == [M.generate_tokens(tiny, p, 60) for p in prompts]
+    assert all(len(tokens) > 10 for tokens in batched)
+
+
+class _ScriptedDecoder(torch.nn.Module):
+    """A stand-in model whose row r writes a 1 x widths[r] grid then EOS: rows finish at different steps."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.widths = widths
+        self.calls = 0
+
+    def forward(self, input_ids, use_cache=True, cache=None, attention_mask=None, position_ids=None):
+        step = 0 if cache is None else cache + 1
+        self.calls += 1
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], data.VOCAB_SIZE)
+        for row, width in enumerate(self.widths):
+            token = 7 if step < width else data.ROW_END if step == width else data.EOS
+            logits[row, -1, token] = 1.0
+        return types.SimpleNamespace(logits=logits, cache=step)
+
+
+def test_batched_decoding_stops_each_row_on_its_own_and_the_batch_when_all_are_done():
+    decoder = _ScriptedDecoder([1, 4, 2])
+    prompts = [torch.tensor([data.BOS, data.OUTPUT]), torch.tensor([data.BOS, data.INPUT, 3, data.OUTPUT]),
+               torch.tensor([data.OUTPUT])]
+    tokens = M.generate_token_batch(decoder, prompts, 100)
+    assert tokens == [[7, data.ROW_END, data.EOS], [7] * 4 + [data.ROW_END, data.EOS], [7, 7, data.ROW_END, data.EOS]]
+    assert decoder.calls == 6  # the prompt, then one step per token until the longest row's EOS
+    assert [None if g is None else g.tolist() for g in M.generate_grids(decoder, prompts, 100)] == \
+        [[[7]], [[7, 7, 7, 7]], [[7, 7]]]
+    assert M.generate_grids(_ScriptedDecoder([3]), prompts[:1], 3) == [None]  # cut off before EOS: malformed
 
 
 def test_greedy_generation_with_the_cache_matches_recomputing_and_stays_in_the_grid_alphabet(tiny):

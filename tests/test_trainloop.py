@@ -248,7 +248,8 @@ def test_bad_flags_are_reported_together(tmp_path):
 
 @pytest.mark.parametrize("flag, value, expected", [("--time-budget", "2 weeks", "cannot read '2 weeks' as a duration"),
                                                    ("--epochs", "0", "must be at least 1"),
-                                                   ("--eval-attempts", "3", "invalid choice")])
+                                                   ("--eval-attempts", "3", "invalid choice"),
+                                                   ("--eval-batch-size", "0", "must be at least 1")])
 def test_bad_values_are_argparse_errors(tmp_path, capsys, flag, value, expected):
     with pytest.raises(SystemExit) as exit_info:
         run_main(tiny_args(tmp_path, "run", flag, value))
@@ -423,7 +424,8 @@ def test_training_learns_a_task_family_and_solves_held_out_tasks(tmp_path, capsy
     held_out = write_tasks(tmp_path / "held_out.json", 20, 1, seed=2)
     code = run_main(tiny_args(tmp_path, "run", "--epochs", "1", "--max-batches", "1500", "--batch-size", "8",
                               "--no-augment", "--warmup-steps", "50", "--log-every", "100",
-                              "--eval-data", str(held_out), "--eval-tasks", "20", data=data))
+                              "--eval-data", str(held_out), "--eval-tasks", "20", "--eval-batch-size", "6",
+                              data=data))
     capsys.readouterr()
     assert code == 0
     losses = [r["loss"] for r in records(tmp_path / "run", "step")]
