@@ -760,6 +760,14 @@ class TrainingData:
         self._plan = (epoch, plan)
         return plan
 
+    def computed_tokens(self, epoch: int) -> list[int]:
+        """Tokens each batch of the epoch computes (rows x padded length; a packed row: its samples' sum),
+        without collating it."""
+        lengths = self.lengths(epoch)
+        if self.settings.tokens_per_batch is not None:
+            return [int(lengths[batch].sum()) for batch in self.batch_plan(epoch)]
+        return [len(batch) * int(lengths[batch].max()) for batch in self.batch_plan(epoch)]
+
     def num_batches(self, epoch: int = 0) -> int:
         """Batches in this epoch: a pure function of the samples and settings (3232 at batch size 1
         on ARC-AGI-2 training)."""

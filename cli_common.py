@@ -22,6 +22,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def auto_off_or_positive_int(text: str) -> str | int:
+    """argparse type: 'auto', 'off' or an integer >= 1."""
+    word = text.strip().lower()
+    if word in ("auto", "off"):
+        return word
+    try:
+        return positive_int(word)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a whole number of tokens, got {text!r}") from None
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     try:
@@ -90,7 +101,13 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lora-rank", type=non_negative_int, default=0,
                        help="train LoRA adapters of this rank instead of all weights (0: full fine-tuning)")
     model.add_argument("--gradient-checkpointing", action="store_true",
-                       help="recompute activations in the backward pass: less memory, ~30%% slower")
+                       help="recompute activations in the backward pass for every batch: less memory, ~30%% slower")
+    model.add_argument("--checkpoint-long-batches", type=auto_off_or_positive_int, default="auto",
+                       metavar="auto|off|TOKENS",
+                       help="recompute activations only for batches of more than TOKENS computed tokens (rows x "
+                            "length), so the longest samples fit the GPU and the rest run at full speed; auto: "
+                            "the limit this GPU's memory sets, measured at start on two of the epoch's batches "
+                            "(on CPU: off)")
     model.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                        help="attention kernel (eager overflows in fp16 on Qwen2)")
     model.add_argument("--trust-remote-code", action="store_true",
@@ -150,6 +167,7 @@ def speed_settings(args: argparse.Namespace, device_info: Mapping[str, Any], pre
         "model_name": args.model_name,
         "lora_rank": args.lora_rank,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "checkpoint_long_batches": args.checkpoint_long_batches,
         "attn_implementation": args.attn_implementation,
         "batch_size": args.batch_size,
         "tokens_per_batch": args.tokens_per_batch,

@@ -149,7 +149,7 @@ def setup(args: argparse.Namespace) -> Setup:
                     else shard_shapes(data, plan_shapes, ctx.world_size)[ctx.rank])
 
     parts = run_setup.build_training_step(args, ctx, precision,
-                                          total_steps=math.ceil(len(epoch_shapes) / args.grad_accum))
+                                          total_steps=math.ceil(len(epoch_shapes) / args.grad_accum), data=data)
     model, step = parts.model, parts.step
     info = dict(training.describe_device(device))
     if device.type == "cuda":
@@ -420,6 +420,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "mfu_of_measured_peak": flops_per_second / measured_peak,
         "real_token_share": tokens / padded_tokens if padded_tokens else 1.0,
         "flops_formula": report.FLOPS_FORMULA,
+        "checkpoint_above": s.step.checkpoint_above,  # batches over this many tokens recompute activations
         "longest_batch": {"rows": longest[0].rows, "length": longest[0].length, "tokens": longest[0].tokens,
                           "ms": longest[1]},
         "batches_per_epoch": n_epoch,
@@ -499,6 +500,11 @@ def _measure(s: Setup) -> int:
     per = f" per process ({s.ctx.world_size} processes)" if s.ctx.is_distributed else ""
     say(f"Benchmarking {args.model_name} on {info['name']} ({s.precision.name}): {s.data_description}, "
         f"{len(s.epoch_shapes)} batches per epoch{per}")
+    import run_setup
+
+    recompute = run_setup.describe_long_batches(args, s.step, s.data)
+    if recompute:
+        say(recompute[0].upper() + recompute[1:])
     longest = run_longest_batch(s)
     say(f"Longest batch of the epoch ({longest[0].rows} x {longest[0].length} tokens) fits. "
         f"Warming up ({args.warmup} batch{'' if args.warmup == 1 else 'es'})...")

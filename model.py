@@ -57,6 +57,7 @@ class ModelSettings:
     lora_rank: int = 0
     lora_alpha: float | None = None  # None: 2 x rank (the usual r=16 / alpha=32 convention)
     gradient_checkpointing: bool = False
+    long_batch_checkpointing: bool = False  # prepared but off: TrainStep turns it on for long batches only
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
 
@@ -106,13 +107,30 @@ def load_model(settings: ModelSettings) -> nn.Module:
 
 def prepare_for_training(model: nn.Module, settings: ModelSettings) -> nn.Module:
     """Apply gradient checkpointing and LoRA (which keeps the compact embedding and output rows trainable)."""
-    if settings.gradient_checkpointing:
+    if settings.gradient_checkpointing or settings.long_batch_checkpointing:
         # Non-reentrant torch.utils.checkpoint (transformers' default), which also works with frozen inputs (LoRA).
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if not settings.gradient_checkpointing:
+            set_checkpointing(checkpointable_layers(model), False)
     if settings.lora_rank > 0:
         model = _apply_lora(model, settings.lora_rank, settings.lora_alpha)
     return model
+
+
+def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers whose activations can be recomputed in the backward pass (prepared by
+    activation_checkpointing_enable), through any DDP or LoRA wrapper."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+            and getattr(m, "_gradient_checkpointing_func", None) is not None]
+
+
+def set_checkpointing(layers: list[nn.Module], enabled: bool) -> None:
+    """Turn recomputation on or off for the next forward (transformers reads the flag at every call)."""
+    for layer in layers:
+        layer.gradient_checkpointing = enabled
 
 
 def _config_for_random_init(settings: ModelSettings):

@@ -6,14 +6,14 @@ and the model / optimizer / training step are built here, once, for both scripts
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 import distributed
-from arc_dataset import DataError, DataSettings, TaskSet, TrainingData, load_tasks, training_samples
+from arc_dataset import Batch, DataError, DataSettings, TaskSet, TrainingData, load_tasks, training_samples
 from model import ModelSettings, load_model
-from training import Precision, TrainStep, build_optimizer, build_scheduler
+from training import Precision, TrainStep, build_optimizer, build_scheduler, long_batch_threshold
 
 
 def build_training_data(args: argparse.Namespace) -> tuple[TaskSet, TrainingData]:
@@ -38,11 +38,16 @@ class TrainingParts:
 
 
 def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedContext, precision: Precision,
-                        total_steps: int) -> TrainingParts:
+                        total_steps: int, data: TrainingData) -> TrainingParts:
     """Model (seeded, on the context's device), AdamW, warm-up + cosine schedule over `total_steps`
-    optimizer steps, and the one training step both scripts call."""
+    optimizer steps, and the one training step both scripts call, with its long-batch recomputation limit
+    (--checkpoint-long-batches; `auto` measures it on two of `data`'s samples)."""
+    long_batches = args.checkpoint_long_batches
+    selective = (not args.gradient_checkpointing and long_batches != "off"
+                 and (long_batches != "auto" or ctx.device.type == "cuda"))
+    settings = replace(ModelSettings.from_args(args), long_batch_checkpointing=selective)
     torch.manual_seed(args.seed)  # random initialisation (tiny, --random-init) repeats with the seed
-    model = load_model(ModelSettings.from_args(args)).to(ctx.device)
+    model = load_model(settings).to(ctx.device)
     model.train()
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_steps)
@@ -50,4 +55,29 @@ def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedCo
     # averaged over the processes).
     step = TrainStep(distributed.wrap_model(model, ctx), optimizer, scheduler, precision, ctx.device,
                      grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm)
+    if selective:
+        step.checkpoint_above = (long_batches if long_batches != "auto"
+                                 else long_batch_threshold(step, *calibration_batches(data)))
     return TrainingParts(model, optimizer, scheduler, step)
+
+
+def calibration_batches(data: TrainingData) -> tuple[Batch, Batch]:
+    """Two single samples of the epoch, at the 25th and 75th percentile of length: short enough to fit any
+    GPU that holds the model, far enough apart to measure memory per token."""
+    encoded = data.encoded(0)
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    pick = [by_length[int(q * (len(by_length) - 1))] for q in (0.25, 0.75)]
+    return data.collate([encoded[pick[0]]]), data.collate([encoded[pick[1]]])
+
+
+def describe_long_batches(args: argparse.Namespace, step: TrainStep, data: TrainingData) -> str | None:
+    """One line on which batches recompute their activations, or None when none does."""
+    if args.gradient_checkpointing:
+        return "activation recomputation: every batch (--gradient-checkpointing)"
+    if step.checkpoint_above is None:
+        return None
+    tokens = data.computed_tokens(0)
+    over = sum(t > step.checkpoint_above for t in tokens)
+    how = "auto: what this GPU's memory holds, measured" if args.checkpoint_long_batches == "auto" else "given"
+    return (f"activation recomputation: batches over {step.checkpoint_above:,} computed tokens ({how}): "
+            f"{over} of epoch 0's {len(tokens)} batches")

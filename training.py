@@ -33,7 +33,7 @@ from torch import nn
 
 import arc_dataset as data
 from errors import UserError
-from model import attention_implementation, attention_layer_types, model_inputs
+from model import attention_implementation, attention_layer_types, checkpointable_layers, model_inputs, set_checkpointing
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
@@ -250,7 +250,8 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, precision: Precision,
-                 device: torch.device, grad_accum: int = 1, max_grad_norm: float = 1.0):
+                 device: torch.device, grad_accum: int = 1, max_grad_norm: float = 1.0,
+                 checkpoint_above: int | None = None):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.model = model
@@ -265,12 +266,19 @@ class TrainStep:
         self.optimizer_steps = 0    # accumulation boundaries reached (including skipped ones)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # Batches of more than this many computed tokens (rows x length) recompute their activations in the
+        # backward pass; None leaves the model's own setting (--gradient-checkpointing: every batch).
+        self.checkpoint_above = checkpoint_above
+        self._checkpoint_layers = checkpointable_layers(model)
+        self._checkpointing: bool | None = None
         avoid_per_shape_attention_plans(device)
 
     def __call__(self, batch: data.Batch) -> StepOutput:
         batch = batch.to(self.device)
-        if not self.model.training:  # train() walks every module (~2.6 ms a step for 24 layers on a CPU core)
+        if not self.model.training:  # train() walks every module (~0.7 ms a step for 24 layers on a CPU core)
             self.model.train()
+        if self.checkpoint_above is not None:
+            self._recompute(batch.input_ids.numel() > self.checkpoint_above)
         stepped = (self.micro_steps + 1) % self.grad_accum == 0
         # Under DDP, gradients are all-reduced only on the accumulation boundary.
         no_sync = getattr(self.model, "no_sync", None)
@@ -282,6 +290,13 @@ class TrainStep:
         if stepped:
             grad_norm = self._optimizer_step()
         return StepOutput(loss.detach(), batch.num_tokens, batch.num_target_tokens, stepped, grad_norm)
+
+    def _recompute(self, enabled: bool) -> None:
+        if enabled != self._checkpointing:
+            if enabled and not self._checkpoint_layers:
+                raise ValueError("checkpoint_above needs a model prepared with long_batch_checkpointing")
+            set_checkpointing(self._checkpoint_layers, enabled)
+            self._checkpointing = enabled
 
     def _optimizer_step(self) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
@@ -311,6 +326,55 @@ class TrainStep:
         self.micro_steps = int(state["micro_steps"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.skipped_steps.fill_(int(state["skipped_steps"]))
+
+
+# ------------------------------------------------------------------------- long batches and memory
+
+MEMORY_HEADROOM = 0.85  # of the GPU's memory, for what a line through two measurements does not see
+
+
+def tokens_that_fit(points: list[tuple[int, int]], extra_bytes: int, total_bytes: int,
+                    headroom: float = MEMORY_HEADROOM) -> int:
+    """The most computed tokens a batch may have and still fit, from (tokens, peak bytes) of measured steps.
+
+    Peak memory grows about linearly with a batch's tokens (activations; the weights, gradients and the
+    rest are the constant). Two points at different sizes give the line; with one size only (packed rows are
+    all the same size), it fits or not: that size, or 0. `extra_bytes` is what later steps hold that the
+    measured ones did not (AdamW's two moment buffers, created at the first optimizer step)."""
+    room = headroom * total_bytes - extra_bytes
+    (t0, m0), (t1, m1) = min(points), max(points)
+    if t1 == t0:
+        return t1 if max(m0, m1) <= room else 0
+    per_token = max((m1 - m0) / (t1 - t0), 1.0)
+    return max(0, int(t1 + (room - m1) / per_token))
+
+
+def measure_step_peak(step: TrainStep, batch: data.Batch) -> int:
+    """Peak CUDA memory of one forward + backward on `batch`, leaving training untouched: no optimizer step,
+    no gradient all-reduce, the gradients dropped, random state restored."""
+    device = step.device
+    step.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    no_sync = getattr(step.model, "no_sync", None)
+    with torch.random.fork_rng(devices=[device]), (no_sync() if no_sync else contextlib.nullcontext()):
+        step.model.train()
+        forward_loss(step.model, batch.to(device), step.precision).backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    step.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(peak)
+
+
+def long_batch_threshold(step: TrainStep, small: data.Batch, large: data.Batch) -> int:
+    """--checkpoint-long-batches auto on a GPU: the computed tokens above which a batch must recompute its
+    activations to fit, measured on two of the epoch's own batches (both must fit without recomputing)."""
+    points = [(b.input_ids.numel(), measure_step_peak(step, b)) for b in (small, large)]
+    optimizer_state = {id(p) for p in step.optimizer.state}
+    moments = sum(2 * p.numel() * p.element_size() for p in step.params if id(p) not in optimizer_state)
+    total = torch.cuda.get_device_properties(step.device).total_memory
+    return tokens_that_fit(points, moments, total)
 
 
 # --------------------------------------------------------------------------------------- out of memory

@@ -70,7 +70,7 @@ from errors import EXIT_INTERRUPTED, UserError, run_cli
 from distributed import DistributedContext
 from evaluation import EvalResult, evaluate, merge_results, tasks_with_answers
 from model import count_parameters, save_model
-from run_setup import build_training_data, build_training_step
+from run_setup import build_training_data, build_training_step, describe_long_batches
 from training import (describe_device, load_optimizer_state, oom_message, peak_memory_bytes, resolve_device,
                       resolve_precision)
 
@@ -654,7 +654,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         args = self.args
-        parts = build_training_step(args, self.ctx, self.precision, self.total_steps)
+        parts = build_training_step(args, self.ctx, self.precision, self.total_steps, self.data)
         self.model, self.optimizer, self.scheduler, self.train_step = (
             parts.model, parts.optimizer, parts.scheduler, parts.step)
         self.parameters, self.trainable = count_parameters(self.model)
@@ -707,7 +707,7 @@ class Trainer:
             + ("" if args.augment else "; no augmentation"),
             f"model: {args.model_name}, {self.parameters / 1e6:.1f}M parameters ({self.trainable / 1e6:.1f}M trained"
             + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") + ")"
-            + (", gradient checkpointing" if args.gradient_checkpointing else ""),
+            + (f"; {recompute}" if (recompute := describe_long_batches(args, self.train_step, self.data)) else ""),
             f"schedule: {_plural(self.epochs, 'epoch')}, {sum(self.epoch_batches)} batches"
             + (" per process" if self.ctx.is_distributed else "") + f", {self.total_steps} "
             f"optimizer steps (grad accum {args.grad_accum}); lr {args.lr:g}, "

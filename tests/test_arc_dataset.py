@@ -387,6 +387,13 @@ def test_packed_rows_respect_budget_and_segments(arc2_samples: list[ad.Sample]) 
             break
 
 
+@pytest.mark.parametrize("settings", [ad.DataSettings(), ad.DataSettings(batch_size=8),
+                                      ad.DataSettings(tokens_per_batch=8192)], ids=["single", "grouped", "packed"])
+def test_computed_tokens_are_the_collated_batches_sizes(arc2_samples: list[ad.Sample], settings) -> None:
+    data = ad.TrainingData(arc2_samples[:400], settings)
+    assert data.computed_tokens(0) == [batch.input_ids.numel() for batch in data.batches(0)]
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(ad.DataError, match="tokens_per_batch"):
         ad.DataSettings(max_length=8192, tokens_per_batch=4096)

@@ -16,6 +16,7 @@ import torch
 
 import cli_common
 import measure_throughput as mt
+import run_setup
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +157,8 @@ def test_ctrl_c_while_timing_prints_the_batches_timed_so_far(tasks_dir, tmp_path
 def test_trainer_flags_repeat_every_non_default_shared_setting(tasks_dir):
     argv = ["--data", str(tasks_dir), "--model-name", "tiny", "--device", "cpu", "--batch-size", "4",
             "--max-length", "2048", "--no-augment", "--seed", "7", "--lora-rank", "8", "--gradient-checkpointing",
-            "--precision", "fp32", "--lr", "0.0003", "--grad-accum", "2", "--num-batches", "9"]
+            "--precision", "fp32", "--lr", "0.0003", "--grad-accum", "2", "--num-batches", "9",
+            "--checkpoint-long-batches", "3000"]
     args = mt.parse_args(argv)
     flags = mt.trainer_flags(args)
     assert "--num-batches" not in flags and "--warmup-steps" not in flags
@@ -164,6 +166,22 @@ def test_trainer_flags_repeat_every_non_default_shared_setting(tasks_dir):
     cpu = {"name": "cpu"}
     assert cli_common.speed_settings(again, cpu, "fp32") == cli_common.speed_settings(args, cpu, "fp32")
     assert (again.seed, again.lr) == (7, 0.0003)
+
+
+def test_long_batches_recompute_above_the_given_limit_and_auto_is_off_on_cpu(tasks_dir, tmp_path):
+    out = tmp_path / "results.json"
+    run = _run(*_tiny(tasks_dir, "--num-batches", "6", "--warmup", "1", "--json", str(out),
+                      "--checkpoint-long-batches", "200"))
+    assert run.returncode == 0, run.stderr
+    line = next(l for l in run.stdout.splitlines() if l.startswith("Activation recomputation"))
+    _, epoch = run_setup.build_training_data(mt.parse_args(_tiny(tasks_dir)))
+    over = sum(t > 200 for t in epoch.computed_tokens(0))
+    assert f"batches over 200 computed tokens (given): {over} of epoch 0's 18 batches" in line and 0 < over < 18
+    result = json.loads(out.read_text())
+    assert result["checkpoint_above"] == 200 and result["settings"]["checkpoint_long_batches"] == 200
+    auto = _run(*_tiny(tasks_dir, "--num-batches", "3", "--warmup", "0", "--json", str(out)))
+    assert auto.returncode == 0 and "recomputation" not in auto.stdout
+    assert json.loads(out.read_text())["checkpoint_above"] is None
 
 
 def test_next_command_fits_the_time_budget_or_a_partial_epoch(tasks_dir):

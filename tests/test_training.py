@@ -2,6 +2,7 @@
 learns a synthetic task family well enough to solve held-out instances by greedy decoding."""
 from __future__ import annotations
 
+import copy
 import types
 import warnings
 
@@ -320,3 +321,71 @@ def test_cuda_steps_keep_attention_off_cudnn_plans_that_rebuild_per_length():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+# ------------------------------------------------------------------------------ long-batch recomputation
+
+def test_tokens_that_fit_follow_the_line_through_two_measured_steps():
+    # 2 GB at 1000 tokens, 3 GB at 3000: 0.5 MB a token, so 8.5 GB of a 10 GB card (85%) holds 14,000 tokens,
+    # and 1 GB more held later (AdamW's moments) leaves room for 12,000.
+    points = [(3000, 3_000_000_000), (1000, 2_000_000_000)]
+    assert T.tokens_that_fit(points, 0, 10_000_000_000) == 14_000
+    assert T.tokens_that_fit(points, 1_000_000_000, 10_000_000_000) == 12_000
+    assert T.tokens_that_fit(points, 0, 1_500_000_000) == 0  # the line says not even a short batch fits
+    # Packed rows all have one size: it fits (that size is the limit) or every batch recomputes.
+    assert T.tokens_that_fit([(4096, 5e9), (4096, 5e9)], 0, 10_000_000_000) == 4096
+    assert T.tokens_that_fit([(4096, 9e9), (4096, 9e9)], 0, 10_000_000_000) == 0
+
+
+def _recomputations(model) -> list[int]:
+    """Counts the layers' recomputed forwards (the checkpoint function is what transformers calls)."""
+    calls = []
+    for layer in M.checkpointable_layers(model):
+        real = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k)
+    return calls
+
+
+def test_only_batches_over_the_limit_recompute_and_gradients_do_not_change():
+    torch.manual_seed(0)
+    model = M.load_model(M.ModelSettings("tiny", long_batch_checkpointing=True))
+    reference = copy.deepcopy(model)
+    calls = _recomputations(model)
+    batch = fixed_batch()
+    tokens = batch.input_ids.numel()                       # rows x length
+    step = make_step(model)
+    step.checkpoint_above = tokens - 1
+    loss = T.forward_loss(model, batch, T.FP32)
+    model.train()
+    step._recompute(batch.input_ids.numel() > step.checkpoint_above)
+    T.forward_loss(model, batch, T.FP32).backward()
+    assert len(calls) == 2                                 # both layers, recomputed
+    T.forward_loss(reference, batch, T.FP32).backward()
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    model.zero_grad()
+    step.checkpoint_above = tokens                         # not over the limit: stored activations
+    step(batch)
+    assert len(calls) == 2 and torch.isfinite(loss)
+    step.checkpoint_above = 5
+    step(batch)
+    assert len(calls) == 4
+
+
+def test_auto_limit_is_measured_on_two_samples_and_counts_the_moments_still_to_come(monkeypatch):
+    import run_setup
+
+    samples = data.training_samples(data.load_tasks("arc-agi-1"))[:40]
+    training_data = data.TrainingData(samples, data.DataSettings(max_length=4096))
+    small, large = run_setup.calibration_batches(training_data)
+    lengths = sorted(training_data.lengths(0))
+    assert (small.input_ids.numel(), large.input_ids.numel()) == (lengths[int(0.25 * 39)], lengths[int(0.75 * 39)])
+    model = tiny()
+    step = make_step(model)
+    measured = []
+    monkeypatch.setattr(T, "measure_step_peak", lambda s, b: measured.append(b) or 1_000_000 + 1000 * b.input_ids.numel())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=10_000_000))
+    moments = 2 * sum(p.numel() * 4 for p in step.params)  # AdamW has no state before its first step
+    limit = T.long_batch_threshold(step, small, large)
+    assert measured == [small, large]
+    assert limit == pytest.approx((0.85 * 10_000_000 - moments - 1_000_000) / 1000, abs=1)
