@@ -370,7 +370,11 @@ def measure_step_peak(step: TrainStep, batch: data.Batch) -> int:
 def long_batch_threshold(step: TrainStep, small: data.Batch, large: data.Batch) -> int:
     """--checkpoint-long-batches auto on a GPU: the computed tokens above which a batch must recompute its
     activations to fit, measured on two of the epoch's own batches (both must fit without recomputing)."""
-    points = [(b.input_ids.numel(), measure_step_peak(step, b)) for b in (small, large)]
+    try:
+        points = [(b.input_ids.numel(), measure_step_peak(step, b)) for b in (small, large)]
+    except torch.OutOfMemoryError as exc:
+        raise UserError(f"measuring memory per token on two short samples: "
+                        f"{oom_message(step.device, exc, peak_memory_bytes(step.device))}") from None
     optimizer_state = {id(p) for p in step.optimizer.state}
     moments = sum(2 * p.numel() * p.element_size() for p in step.params if id(p) not in optimizer_state)
     total = torch.cuda.get_device_properties(step.device).total_memory

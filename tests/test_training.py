@@ -389,3 +389,14 @@ def test_auto_limit_is_measured_on_two_samples_and_counts_the_moments_still_to_c
     limit = T.long_batch_threshold(step, small, large)
     assert measured == [small, large]
     assert limit == pytest.approx((0.85 * 10_000_000 - moments - 1_000_000) / 1000, abs=1)
+
+
+def test_running_out_of_memory_while_measuring_is_one_clear_error(monkeypatch):
+    step = make_step(tiny())
+
+    def out_of_memory(step, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(T, "measure_step_peak", out_of_memory)
+    with pytest.raises(UserError, match="measuring memory per token on two short samples: out of memory on cpu"):
+        T.long_batch_threshold(step, fixed_batch(), fixed_batch())
