@@ -115,6 +115,9 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("device and precision")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--gpu-memory", type=positive_float, default=None, metavar="GIB",
+                     help="use at most this much GPU memory, in GiB (default: the whole card): to share the GPU, "
+                          "or to rehearse a smaller card on a bigger one (a T4: 14.7)")
     run.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                      help="auto: bf16 where native, fp16 + GradScaler on GPUs without bf16 (T4), fp32 on CPU")
 
@@ -168,6 +171,7 @@ def speed_settings(args: argparse.Namespace, device_info: Mapping[str, Any], pre
         "lora_rank": args.lora_rank,
         "gradient_checkpointing": args.gradient_checkpointing,
         "checkpoint_long_batches": args.checkpoint_long_batches,
+        "gpu_memory": args.gpu_memory,
         "attn_implementation": args.attn_implementation,
         "batch_size": args.batch_size,
         "tokens_per_batch": args.tokens_per_batch,

@@ -154,6 +154,8 @@ def setup(args: argparse.Namespace) -> Setup:
     info = dict(training.describe_device(device))
     if device.type == "cuda":
         info["total_memory_bytes"] = int(torch.cuda.get_device_properties(device).total_memory)
+        if args.gpu_memory:
+            info["memory_cap_bytes"] = int(args.gpu_memory * 2**30)
     return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes, plan_shapes,
                  rank_plan, ctx)
 
@@ -363,7 +365,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
     # utilisation this device can actually reach, beside the spec-sheet peak.
     measured_peak = training.measure_matmul_peak(s.device, s.precision)
 
-    total_memory = s.device_info.get("total_memory_bytes")
+    total_memory = s.device_info.get("memory_cap_bytes") or s.device_info.get("total_memory_bytes")
     skipped = int(s.step.skipped_steps)  # note: a sync point, once, after timing
     best = projection.best
     overhead_share = report.fixed_cost_share(projection, sum(total_ms) / len(total_ms))

@@ -13,7 +13,8 @@ import torch
 import distributed
 from arc_dataset import Batch, DataError, DataSettings, TaskSet, TrainingData, load_tasks, training_samples
 from model import ModelSettings, load_model
-from training import Precision, TrainStep, build_optimizer, build_scheduler, long_batch_threshold
+from training import (Precision, TrainStep, build_optimizer, build_scheduler, cap_gpu_memory,
+                      long_batch_threshold)
 
 
 def build_training_data(args: argparse.Namespace) -> tuple[TaskSet, TrainingData]:
@@ -46,6 +47,7 @@ def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedCo
     selective = (not args.gradient_checkpointing and long_batches != "off"
                  and (long_batches != "auto" or ctx.device.type == "cuda"))
     settings = replace(ModelSettings.from_args(args), long_batch_checkpointing=selective)
+    memory = cap_gpu_memory(ctx.device, args.gpu_memory)
     torch.manual_seed(args.seed)  # random initialisation (tiny, --random-init) repeats with the seed
     model = load_model(settings).to(ctx.device)
     model.train()
@@ -57,7 +59,7 @@ def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedCo
                      grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm)
     if selective:
         step.checkpoint_above = (long_batches if long_batches != "auto"
-                                 else long_batch_threshold(step, *calibration_batches(data)))
+                                 else long_batch_threshold(step, *calibration_batches(data), memory))
     return TrainingParts(model, optimizer, scheduler, step)
 
 
@@ -78,6 +80,7 @@ def describe_long_batches(args: argparse.Namespace, step: TrainStep, data: Train
         return None
     tokens = data.computed_tokens(0)
     over = sum(t > step.checkpoint_above for t in tokens)
-    how = "auto: what this GPU's memory holds, measured" if args.checkpoint_long_batches == "auto" else "given"
+    card = f"{args.gpu_memory:g} GiB (--gpu-memory)" if args.gpu_memory else "this GPU's memory"
+    how = f"auto: what {card} holds, measured" if args.checkpoint_long_batches == "auto" else "given"
     return (f"activation recomputation: batches over {step.checkpoint_above:,} computed tokens ({how}): "
             f"{over} of epoch 0's {len(tokens)} batches")

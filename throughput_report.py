@@ -652,7 +652,9 @@ def format_report(result: dict[str, Any]) -> str:
     if device.get("type") == "cuda":
         lines.append(f"GPU: {device['name']}")
         if device.get("total_memory_bytes"):
-            lines.append(f"GPU Memory: {device['total_memory_bytes'] / 2**30:.1f} GB")
+            lines.append(f"GPU Memory: {device['total_memory_bytes'] / 2**30:.1f} GB"
+                         + (f" (this run capped at {device['memory_cap_bytes'] / 2**30:.1f} by --gpu-memory)"
+                            if device.get("memory_cap_bytes") else ""))
         if device.get("compute_capability"):
             lines.append(f"Compute capability: {device['compute_capability']}")
     else:

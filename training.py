@@ -111,6 +111,22 @@ def avoid_per_shape_attention_plans(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def cap_gpu_memory(device: torch.device, gib: float | None) -> int | None:
+    """--gpu-memory: the bytes this process may use on the GPU, enforced by PyTorch's allocator (an allocation
+    past it is an out-of-memory, as on a card that size); None leaves the whole card. For sharing a GPU with
+    another process, or rehearsing a T4's 14.7 GiB on a bigger card."""
+    if gib is None:
+        return None
+    if device.type != "cuda":
+        raise UserError("--gpu-memory caps GPU memory, and this run is on the CPU: drop it or use --device cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = int(gib * 2**30)
+    if budget > total:
+        raise UserError(f"--gpu-memory {gib:g}: this GPU has {total / 2**30:.1f} GiB; give at most that")
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    return budget
+
+
 def describe_device(device: torch.device) -> dict[str, Any]:
     """Name, memory and compute capability (GPU) or thread count (CPU), for banners and result files."""
     if device.type == "cuda":
@@ -367,9 +383,11 @@ def measure_step_peak(step: TrainStep, batch: data.Batch) -> int:
     return int(peak)
 
 
-def long_batch_threshold(step: TrainStep, small: data.Batch, large: data.Batch) -> int:
+def long_batch_threshold(step: TrainStep, small: data.Batch, large: data.Batch,
+                         memory_bytes: int | None = None) -> int:
     """--checkpoint-long-batches auto on a GPU: the computed tokens above which a batch must recompute its
-    activations to fit, measured on two of the epoch's own batches (both must fit without recomputing)."""
+    activations to fit the card (or `memory_bytes` of it), measured on two of the epoch's own batches (both
+    must fit without recomputing)."""
     try:
         points = [(b.input_ids.numel(), measure_step_peak(step, b)) for b in (small, large)]
     except torch.OutOfMemoryError as exc:
@@ -377,7 +395,7 @@ def long_batch_threshold(step: TrainStep, small: data.Batch, large: data.Batch) 
                         f"{oom_message(step.device, exc, peak_memory_bytes(step.device))}") from None
     optimizer_state = {id(p) for p in step.optimizer.state}
     moments = sum(2 * p.numel() * p.element_size() for p in step.params if id(p) not in optimizer_state)
-    total = torch.cuda.get_device_properties(step.device).total_memory
+    total = memory_bytes or torch.cuda.get_device_properties(step.device).total_memory
     return tokens_that_fit(points, moments, total)
 
 
@@ -395,7 +413,9 @@ def oom_message(device: torch.device, exc: BaseException, peak_bytes: int | None
     where = str(device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        where += f" ({peak_bytes / 2**30:.1f} GiB peak of {total / 2**30:.1f} GiB)"
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+        cap = " allowed by --gpu-memory" if fraction < 1.0 else ""
+        where += f" ({peak_bytes / 2**30:.1f} GiB peak of {total * fraction / 2**30:.1f} GiB{cap})"
     elif peak_bytes:
         where += f" ({peak_bytes / 2**30:.1f} GiB peak)"
     return (f"out of memory on {where} ({type(exc).__name__}): lower --max-length (or --batch-size / --tokens-per-batch), add "

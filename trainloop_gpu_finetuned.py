@@ -699,7 +699,8 @@ class Trainer:
                  else f"batch size {args.batch_size}")
         skipped = len(self.data.skipped(0))
         lines = [
-            f"device: {device}; precision {self.precision.name}{scaler}",
+            f"device: {device}; precision {self.precision.name}{scaler}"
+            + (f"; memory capped at {args.gpu_memory:g} GiB (--gpu-memory)" if args.gpu_memory else ""),
             f"data: {self.tasks.description}; {len(self.data.encoded(0))} samples"
             + (f" ({skipped} too long for --max-length {args.max_length}, left out)" if skipped else "")
             + f"; {self.data.num_batches(0)} batches per epoch ({batch}"

@@ -7,8 +7,9 @@
 #   compare  compare_hf_trainer.py against the Hugging Face Trainer recipe at batch size 1 and 4, max length
 #            8192 (issue 6's goal: >= 2x the real tokens/s with less memory; at batch size 8 the Trainer
 #            recipe ran out of memory on a 139.8 GiB H200).
-#   variants the benchmark (100 batches) on the T4's path, fp16 autocast + GradScaler, and at --batch-size 8
-#            (length-grouped: more tokens per step for GPUs that a batch of one leaves idle).
+#   variants the benchmark (100 batches) as on a T4, fp16 autocast + GradScaler in --gpu-memory 14.7 (does the
+#            longest sample fit with --checkpoint-long-batches auto?), and at --batch-size 8 (length-grouped:
+#            more tokens per step for GPUs that a batch of one leaves idle).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [speed|compare|variants|all]
 # Each step's cap in seconds can be set: BENCH_TIMEOUT (200), TRAIN_TIMEOUT (330), COMPARE_TIMEOUT (500),
 # VARIANT_TIMEOUT (150 each).
@@ -65,7 +66,7 @@ if [[ $stage == compare || $stage == all ]]; then
         --json "$out/compare.json" 2>&1 | tee "$out/compare.log"
 fi
 if [[ $stage == variants || $stage == all ]]; then
-    for variant in "fp16:--precision fp16" "batch8:--batch-size 8"; do
+    for variant in "t4:--precision fp16 --gpu-memory 14.7" "batch8:--batch-size 8"; do
         timeout "${VARIANT_TIMEOUT:-150}" "$py" measure_throughput.py "${common[@]}" ${variant#*:} --num-batches 100 \
             --json "$out/throughput_${variant%%:*}.json" 2>&1 | tee "$out/throughput_${variant%%:*}.log"
     done

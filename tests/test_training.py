@@ -63,6 +63,7 @@ def mock_gpu(monkeypatch, name: str, capability: tuple[int, int], memory_gb: flo
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(total_memory=int(memory_gb * 2**30)))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
 
 
 def test_resolve_device_on_a_machine_without_cuda(monkeypatch):
@@ -125,6 +126,9 @@ def test_oom_message_is_one_line_with_peak_memory_and_what_to_change(monkeypatch
     assert "\n" not in message and "14.0 GiB peak of 15.0 GiB" in message
     for advice in ("--max-length", "--gradient-checkpointing", "--lora-rank", "smaller --model-name"):
         assert advice in message
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5)
+    message = T.oom_message(torch.device("cuda", 0), torch.OutOfMemoryError("CUDA out of memory"), 7 * 2**30)
+    assert "7.0 GiB peak of 7.5 GiB allowed by --gpu-memory" in message
 
 
 # ------------------------------------------------------------------------------ optimizer and schedule
@@ -392,6 +396,8 @@ def test_auto_limit_is_measured_on_two_samples_and_counts_the_moments_still_to_c
     limit = T.long_batch_threshold(step, small, large)
     assert measured == [small, large]
     assert limit == pytest.approx((0.85 * 10_000_000 - moments - 1_000_000) / 1000, abs=1)
+    capped = T.long_batch_threshold(step, small, large, memory_bytes=5_000_000)  # --gpu-memory
+    assert capped == pytest.approx((0.85 * 5_000_000 - moments - 1_000_000) / 1000, abs=1)
 
 
 def test_running_out_of_memory_while_measuring_is_one_clear_error(monkeypatch):
@@ -403,3 +409,17 @@ def test_running_out_of_memory_while_measuring_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(T, "measure_step_peak", out_of_memory)
     with pytest.raises(UserError, match="measuring memory per token on two short samples: out of memory on cpu"):
         T.long_batch_threshold(step, fixed_batch(), fixed_batch())
+
+
+def test_gpu_memory_cap_is_enforced_by_the_allocator_and_checked(monkeypatch):
+    mock_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), memory_gb=79.2)
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    gpu = torch.device("cuda", 0)
+    assert T.cap_gpu_memory(gpu, None) is None and fractions == []
+    assert T.cap_gpu_memory(gpu, 14.7) == int(14.7 * 2**30)
+    assert fractions == [pytest.approx(14.7 / 79.2)]
+    with pytest.raises(UserError, match="this GPU has 79.2 GiB"):
+        T.cap_gpu_memory(gpu, 100)
+    with pytest.raises(UserError, match="this run is on the CPU"):
+        T.cap_gpu_memory(CPU, 14.7)
