@@ -63,12 +63,14 @@ def losses(run: Path, after_step: int = 0) -> list[float]:
 def two_process_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """6 tasks = 18 samples = 18 batches per epoch: 9 per process. --grad-accum 2 on each process makes an
     optimizer step of 4 batches, so epoch 0 ends between the two batches of step 5 (gradients pending).
-    Evaluation (the untrained model writes no grid, which keeps it quick) runs after each epoch."""
+    Evaluation (the untrained model writes no grid, which keeps it quick) runs after each epoch. Every batch
+    recomputes its activations in the backward pass (the one-process runs do not): gradients must not change."""
     folder = tmp_path_factory.mktemp("torchrun")
     data = write_tasks(folder / "tasks.json", 6)
     run = torchrun("trainloop_gpu_finetuned.py",
                    *tiny(data, folder / "two", "--epochs", "2", "--grad-accum", "2", "--save-every", "3",
-                         "--keep-checkpoints", "10", "--eval-tasks", "5"), cwd=folder)
+                         "--keep-checkpoints", "10", "--eval-tasks", "5", "--checkpoint-long-batches", "1"),
+                   cwd=folder)
     return folder, data, run
 
 
@@ -89,6 +91,7 @@ def test_rank_zero_alone_writes_and_the_ranks_share_each_epoch(two_process_run):
     out = run.stdout
     assert out.count("Training finished: 2 of 2 epochs, 9 steps") == 1   # printed by rank 0 only
     assert "distributed: 2 processes (torchrun, gloo" in out and "18 batches take 9 per process" in out
+    assert "activation recomputation: batches over 1 computed tokens (given): 18 of epoch 0's 18 batches" in out
     epochs = records(folder / "two", "epoch")
     # metrics.jsonl has each line once; every one of the 18 samples trained once per epoch, none twice
     assert [(r["epoch"], r["batches"], r["world_size"]) for r in epochs] == [(0, 9, 2), (1, 9, 2)]
