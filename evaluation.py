@@ -108,12 +108,15 @@ def second_attempt_view(sample: Sample, seed: int) -> Augmentation:
     return augmentation
 
 
-def predict(model: torch.nn.Module, samples: Sequence[Sample], max_length: int, precision,
+def prompt(sample: Sample, max_length: int, view: Augmentation | None = None) -> torch.Tensor:
+    """The generation prompt of a sample, seen through `view` (an augmentation) or as it is."""
+    return torch.from_numpy(encode_prompt(sample if view is None else augment_sample(sample, view), max_length))
+
+
+def predict(model: torch.nn.Module, prompts: Sequence[torch.Tensor], precision,
             views: Sequence[Augmentation | None]) -> list[np.ndarray | None]:
-    """Greedy predictions for samples decoded together, each seen through its view (an augmentation, mapped
-    back, or None), None where the output is not a grid."""
-    prompts = [torch.from_numpy(encode_prompt(s if v is None else augment_sample(s, v), max_length))
-               for s, v in zip(samples, views)]
+    """Greedy predictions for prompts decoded together, each mapped back through the view it was built with
+    (None: none), None where the output is not a grid."""
     grids = generate_grids(model, prompts, MAX_TARGET_TOKENS, precision)
     return [g if g is None or v is None else v.invert(g) for g, v in zip(grids, views)]
 
@@ -137,7 +140,8 @@ def evaluate(model: torch.nn.Module, tasks: Sequence[Task], *, max_length: int, 
     samples = evaluation_samples(tasks)
     result = EvalResult(attempts=attempts, num_tasks=len(tasks))
     per_task: dict[str, list[bool]] = {task.task_id: [] for task in tasks}
-    by_length = sorted(samples, key=lambda s: len(encode_prompt(s, max_length)))
+    prompts = [prompt(s, max_length) for s in samples]
+    by_length = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -145,15 +149,17 @@ def evaluate(model: torch.nn.Module, tasks: Sequence[Task], *, max_length: int, 
         for first in range(0, len(by_length), batch_size):
             if should_stop is not None and should_stop():
                 return None
-            chunk = by_length[first:first + batch_size]
-            guesses = predict(model, chunk, max_length, precision, [None] * len(chunk))
+            indices = by_length[first:first + batch_size]
+            chunk = [samples[i] for i in indices]
+            guesses = predict(model, [prompts[i] for i in indices], precision, [None] * len(chunk))
             right = [g is not None and np.array_equal(g, s.target) for g, s in zip(guesses, chunk)]
             result.malformed += sum(g is None for g in guesses)
             result.correct_first += sum(right)
             retry = [k for k, ok in enumerate(right) if not ok] if attempts == 2 else []
             if retry:
                 views = [second_attempt_view(chunk[k], seed) for k in retry]
-                second = predict(model, [chunk[k] for k in retry], max_length, precision, views)
+                second = predict(model, [prompt(chunk[k], max_length, v) for k, v in zip(retry, views)],
+                                 precision, views)
                 result.malformed += sum(g is None for g in second)
                 for k, g in zip(retry, second):
                     right[k] = g is not None and np.array_equal(g, chunk[k].target)

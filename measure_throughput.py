@@ -154,8 +154,8 @@ def setup(args: argparse.Namespace) -> Setup:
     info = dict(training.describe_device(device))
     if device.type == "cuda":
         info["total_memory_bytes"] = int(torch.cuda.get_device_properties(device).total_memory)
-        if args.gpu_memory:
-            info["memory_cap_bytes"] = int(args.gpu_memory * 2**30)
+        if parts.gpu_memory_bytes:
+            info["memory_cap_bytes"] = parts.gpu_memory_bytes
     return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes, plan_shapes,
                  rank_plan, ctx)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 import distributed
@@ -36,6 +37,7 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: TrainStep
+    gpu_memory_bytes: int | None = None  # --gpu-memory, as the allocator enforces it (None: the whole card)
 
 
 def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedContext, precision: Precision,
@@ -60,16 +62,16 @@ def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedCo
     if selective:
         step.checkpoint_above = (long_batches if long_batches != "auto"
                                  else long_batch_threshold(step, *calibration_batches(data), memory))
-    return TrainingParts(model, optimizer, scheduler, step)
+    return TrainingParts(model, optimizer, scheduler, step, memory)
 
 
 def calibration_batches(data: TrainingData) -> tuple[Batch, Batch]:
     """Two single samples of the epoch, at the 25th and 75th percentile of length: short enough to fit any
     GPU that holds the model, far enough apart to measure memory per token."""
     encoded = data.encoded(0)
-    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    pick = [by_length[int(q * (len(by_length) - 1))] for q in (0.25, 0.75)]
-    return data.collate([encoded[pick[0]]]), data.collate([encoded[pick[1]]])
+    by_length = np.argsort(data.lengths(0), kind="stable")
+    small, large = (by_length[int(q * (len(by_length) - 1))] for q in (0.25, 0.75))
+    return data.collate([encoded[small]]), data.collate([encoded[large]])
 
 
 def describe_long_batches(args: argparse.Namespace, step: TrainStep, data: TrainingData) -> str | None:

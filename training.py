@@ -266,8 +266,7 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, precision: Precision,
-                 device: torch.device, grad_accum: int = 1, max_grad_norm: float = 1.0,
-                 checkpoint_above: int | None = None):
+                 device: torch.device, grad_accum: int = 1, max_grad_norm: float = 1.0):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.model = model
@@ -283,8 +282,9 @@ class TrainStep:
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Batches of more than this many computed tokens (rows x length) recompute their activations in the
-        # backward pass; None leaves the model's own setting (--gradient-checkpointing: every batch).
-        self.checkpoint_above = checkpoint_above
+        # backward pass; None leaves the model's own setting (--gradient-checkpointing: every batch). Set by
+        # run_setup, which measures it with this step (long_batch_threshold).
+        self.checkpoint_above: int | None = None
         self._checkpoint_layers = checkpointable_layers(model)
         self._checkpointing: bool | None = None
         avoid_per_shape_attention_plans(device)
@@ -354,8 +354,8 @@ def tokens_that_fit(points: list[tuple[int, int]], extra_bytes: int, total_bytes
     """The most computed tokens a batch may have and still fit, from (tokens, peak bytes) of measured steps.
 
     Peak memory grows about linearly with a batch's tokens (activations; the weights, gradients and the
-    rest are the constant). Two points at different sizes give the line; with one size only (packed rows are
-    all the same size), it fits or not: that size, or 0. `extra_bytes` is what later steps hold that the
+    rest are the constant). Two points at different sizes give the line; with one size only (samples all of
+    one length), it fits or not: that size, or 0. `extra_bytes` is what later steps hold that the
     measured ones did not (AdamW's two moment buffers, created at the first optimizer step)."""
     room = headroom * total_bytes - extra_bytes
     (t0, m0), (t1, m1) = min(points), max(points)

@@ -357,7 +357,7 @@ def compare(args: argparse.Namespace, report: Callable[[dict[str, Any]], None] =
             ) -> dict[str, Any]:
     """Every batch size's comparison; `report` gets the result so far after each one (a run cut short by a
     time limit keeps what it finished)."""
-    from training import resolve_device
+    from training import describe_device, resolve_device
 
     device = resolve_device(args.device)
     if args.threads:
@@ -368,7 +368,17 @@ def compare(args: argparse.Namespace, report: Callable[[dict[str, Any]], None] =
     if needed > len(samples):
         raise UserError(f"{len(samples)} samples are too few for --rounds {args.rounds} x --steps {args.steps} "
                         f"at --batch-size {args.batch_size}; lower them")
-    comparisons = {}
+    config = shape_config(args.model_shape)
+    comparisons: dict[str, Any] = {}
+    result = {"date": time.strftime("%Y-%m-%d"), "device": describe_device(device), "torch": torch.__version__,
+              "model_shape": args.model_shape,
+              "architecture": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                      "num_key_value_heads", "intermediate_size", "vocab_size")},
+              "settings": {"steps": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
+                           "tokens_per_batch": args.tokens_per_batch, "max_length": args.max_length,
+                           "seed": args.seed, "data": description},
+              "epoch": {"samples": len(epoch.encoded(0)), "real_tokens": epoch_tokens},
+              "comparisons": comparisons}
     for batch_size in sorted({1, args.batch_size}):
         runs: dict[str, list[dict[str, Any]]] = {recipe: [] for recipe in RECIPES}
         for round_index in range(args.rounds):
@@ -385,23 +395,8 @@ def compare(args: argparse.Namespace, report: Callable[[dict[str, Any]], None] =
                       "epoch_seconds": ours["epoch_seconds"] / theirs["epoch_seconds"],
                       "peak_memory": ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]}
         comparisons[str(batch_size)] = {"ours": ours, "trainer": theirs, "ratios": ratios}
-        report(_result(args, device, description, epoch, epoch_tokens, comparisons))
-    return _result(args, device, description, epoch, epoch_tokens, comparisons)
-
-
-def _result(args, device, description, epoch, epoch_tokens, comparisons) -> dict[str, Any]:
-    from training import describe_device
-
-    config = shape_config(args.model_shape)
-    return {"date": time.strftime("%Y-%m-%d"), "device": describe_device(device), "torch": torch.__version__,
-            "model_shape": args.model_shape,
-            "architecture": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                    "num_key_value_heads", "intermediate_size", "vocab_size")},
-            "settings": {"steps": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
-                         "tokens_per_batch": args.tokens_per_batch, "max_length": args.max_length,
-                         "seed": args.seed, "data": description},
-            "epoch": {"samples": len(epoch.encoded(0)), "real_tokens": epoch_tokens},
-            "comparisons": comparisons}
+        report(result)
+    return result
 
 
 def format_table(result: dict[str, Any]) -> str:
