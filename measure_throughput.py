@@ -230,12 +230,6 @@ class BatchClock:
         return [(b - a) * 1000 for a, b in zip(marks, marks[1:])]
 
 
-def _synchronize(device: Any) -> None:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # note: a CPU-GPU sync point
-
-
 def _epoch_batches(data: Any, plan: list[list[int]], start: int) -> Iterator[tuple[int, Any]]:
     """(position, batch) of this process's batches of epoch 0 from `start`, wrapping around: the order the
     trainer draws them in."""
@@ -251,6 +245,8 @@ def _epoch_batches(data: Any, plan: list[list[int]], start: int) -> Iterator[tup
 def run_longest_batch(s: Setup) -> tuple[report.BatchShape, float]:
     """One step on the biggest batch of the epoch, so an out-of-memory shows up in the first seconds (under
     torchrun every process steps on it: any of them may draw it in a later epoch)."""
+    import training
+
     plan = s.data.batch_plan(0)
     index = max(range(len(plan)), key=lambda i: s.plan_shapes[i].rows * s.plan_shapes[i].length)
     encoded = s.data.encoded(0)
@@ -258,7 +254,7 @@ def run_longest_batch(s: Setup) -> tuple[report.BatchShape, float]:
     start = time.perf_counter()
     with out_of_memory_as_user_error(s.device):
         s.step(batch.to(s.device))
-        _synchronize(s.device)
+        training.synchronize(s.device)
     return s.plan_shapes[index], (time.perf_counter() - start) * 1000
 
 
@@ -279,11 +275,13 @@ def out_of_memory_as_user_error(device: Any) -> Iterator[None]:
 
 def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) -> Timings:
     """Run `warmup` untimed then `num_batches` timed steps; Ctrl-C stops early, keeping what was timed."""
+    import training
+
     batches = _epoch_batches(s.data, s.rank_plan, 0)
     for _ in range(warmup):
         _, batch = next(batches)
         s.step(batch.to(s.device))
-    _synchronize(s.device)  # the timed window starts with an idle device
+    training.synchronize(s.device)  # the timed window starts with an idle device
     if on_start:
         on_start()
     clock = BatchClock(s.device)

@@ -111,6 +111,12 @@ def avoid_per_shape_attention_plans(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a host sync: for timers and pauses only, never per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cap_gpu_memory(device: torch.device, gib: float | None) -> int | None:
     """--gpu-memory: the bytes this process may use on the GPU, enforced by PyTorch's allocator (an allocation
     past it is an out-of-memory, as on a card that size); None leaves the whole card. For sharing a GPU with
@@ -160,20 +166,15 @@ def measure_matmul_peak(device: torch.device, precision: Precision, seconds: flo
     n = size or (4096 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # sync point: the timer must see finished work
-
     for _ in range(2):  # warm-up: kernel selection, clocks
         a @ b
-    sync()
+    synchronize(device)  # the timer must see finished work
     done, start = 0, time.perf_counter()
     while True:
         for _ in range(4):
             a @ b
         done += 4
-        sync()
+        synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2.0 * n**3 * done / elapsed
@@ -370,13 +371,13 @@ def measure_step_peak(step: TrainStep, batch: data.Batch) -> int:
     no gradient all-reduce, the gradients dropped, random state restored."""
     device = step.device
     step.optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize(device)
+    synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     no_sync = getattr(step.model, "no_sync", None)
     with torch.random.fork_rng(devices=[device]), (no_sync() if no_sync else contextlib.nullcontext()):
         step.model.train()
         forward_loss(step.model, batch.to(device), step.precision).backward()
-    torch.cuda.synchronize(device)
+    synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     step.optimizer.zero_grad(set_to_none=True)
     torch.cuda.reset_peak_memory_stats(device)

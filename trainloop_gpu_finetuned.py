@@ -72,7 +72,7 @@ from evaluation import EvalResult, evaluate, merge_results, tasks_with_answers
 from model import count_parameters, save_model
 from run_setup import build_training_data, build_training_step, describe_long_batches
 from training import (describe_device, load_optimizer_state, oom_message, peak_memory_bytes, resolve_device,
-                      resolve_precision)
+                      resolve_precision, synchronize)
 
 RUNS_DIR = Path("runs")
 METRICS_FILE = "metrics.jsonl"
@@ -886,8 +886,7 @@ class Trainer:
         """Evaluation, checkpoints and plots are not training time. The device is synchronised first so
         the queued steps are counted as training, not as the pause."""
         if self._pause_depth == 0:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # host sync: before a pause only
+            synchronize(self.device)  # host sync: before a pause only
             self._count_training_time()
         self._pause_depth += 1
         try:

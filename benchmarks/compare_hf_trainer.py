@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 import arc_dataset as data  # noqa: E402
 import cli_common  # noqa: E402
-from atomic_io import write_text_atomic  # noqa: E402
+import throughput_report  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 
 BUNDLED_05B = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -163,11 +163,6 @@ def encoded(samples: list[data.Sample], args: argparse.Namespace) -> list[data.E
 
 # --------------------------------------------------------------------------------------------------- workers
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # timing point: wait for queued kernels
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -185,7 +180,7 @@ def run_ours(args: argparse.Namespace, device: torch.device, warm: list[data.Sam
              timed: list[data.Sample], batch_size: int, baseline_rss: int) -> dict[str, Any]:
     """This project's step: load_model (16-symbol vocabulary), TrainingData batches, TrainStep."""
     from model import ModelSettings, load_model
-    from training import TrainStep, build_optimizer, build_scheduler, resolve_precision
+    from training import TrainStep, build_optimizer, build_scheduler, resolve_precision, synchronize
 
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(shape_config(args.model_shape)))
@@ -201,14 +196,14 @@ def run_ours(args: argparse.Namespace, device: torch.device, warm: list[data.Sam
     timed_data = data.TrainingData(timed, settings)
     timed_data.encoded(0)  # the epoch's encoding happens once before its first step, as in the trainer
     real = computed = steps = 0
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for batch in timed_data.batches(0):
         out = step(batch)
         real += batch.num_tokens
         computed += batch.input_ids.numel()
         steps += 1
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "steps": steps, "real_tokens": real, "computed_tokens": computed,
             "final_loss": float(out.loss), "precision": precision.name,
@@ -220,7 +215,7 @@ def run_trainer(args: argparse.Namespace, device: torch.device, warm: list[data.
     """The Hugging Face Trainer recipe on the full-vocabulary model, timed from the end of the warm-up step."""
     from transformers import (AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
                               logging as hf_logging)
-    from training import resolve_precision
+    from training import resolve_precision, synchronize
 
     hf_logging.set_verbosity_error()
     values = shape_config(args.model_shape)
@@ -262,7 +257,7 @@ def run_trainer(args: argparse.Namespace, device: torch.device, warm: list[data.
             self.ends: list[float] = []
 
         def on_step_end(self, targs, state, control, **kwargs):  # noqa: ANN001 - Trainer's signature
-            _synchronize(device)
+            synchronize(device)
             self.ends.append(time.perf_counter())
 
     timer = StepTimes()
@@ -461,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           for recipe in RECIPES)
         print(f"  batch {batch_size} done: {rates}", flush=True)
         if args.json:
-            write_text_atomic(args.json, json.dumps(result, indent=2))
+            throughput_report.write_json_atomic(args.json, result)
 
     result = compare(args, report)
     print()
