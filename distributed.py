@@ -43,11 +43,6 @@ DEFAULT_TIMEOUT = timedelta(minutes=60)
 _LEFT_GROUPS: list[Any] = []
 
 
-def launched_by_torchrun() -> bool:
-    """True inside a process that torchrun (or another launcher setting WORLD_SIZE) started."""
-    return "WORLD_SIZE" in os.environ
-
-
 def _env_int(name: str, default: int) -> int:
     text = os.environ.get(name)
     if text is None:

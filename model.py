@@ -34,6 +34,7 @@ from torch import nn
 
 import arc_dataset as data
 from cli_common import DEFAULT_MODEL
+from distributed import unwrap_model
 from atomic_io import replace_directory
 from errors import UserError
 
@@ -389,8 +390,7 @@ def attention_layer_types(model: nn.Module) -> frozenset[str]:
 
 
 def _config(model: nn.Module):
-    model = getattr(model, "module", model)  # DDP keeps the model in .module
-    return getattr(model, "config", None)
+    return getattr(unwrap_model(model), "config", None)
 
 
 def packed_attention_mask(segment_ids: torch.Tensor, attn_implementation: str = "sdpa",

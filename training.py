@@ -20,7 +20,6 @@ Precision choices (FACTS: the T4 has no native bf16, and emulated bf16 is ~4x sl
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 import arc_dataset as data
+from distributed import no_sync
 from errors import UserError
 from model import attention_implementation, attention_layer_types, checkpointable_layers, model_inputs, set_checkpointing
 
@@ -298,8 +298,7 @@ class TrainStep:
             self._recompute(batch.input_ids.numel() > self.checkpoint_above)
         stepped = (self.micro_steps + 1) % self.grad_accum == 0
         # Under DDP, gradients are all-reduced only on the accumulation boundary.
-        no_sync = getattr(self.model, "no_sync", None)
-        with no_sync() if no_sync is not None and not stepped else contextlib.nullcontext():
+        with no_sync(self.model, sync=stepped):
             loss = forward_loss(self.model, batch, self.precision)
             self.scaler.scale(loss / self.grad_accum).backward()
         self.micro_steps += 1
@@ -373,8 +372,7 @@ def measure_step_peak(step: TrainStep, batch: data.Batch) -> int:
     step.optimizer.zero_grad(set_to_none=True)
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    no_sync = getattr(step.model, "no_sync", None)
-    with torch.random.fork_rng(devices=[device]), (no_sync() if no_sync else contextlib.nullcontext()):
+    with torch.random.fork_rng(devices=[device]), no_sync(step.model, sync=False):
         step.model.train()
         forward_loss(step.model, batch.to(device), step.precision).backward()
     synchronize(device)
