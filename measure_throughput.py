@@ -129,6 +129,8 @@ class Setup:
     plan_shapes: list[report.BatchShape]    # every batch of epoch 0's plan
     rank_plan: list[list[int]]              # this process's batches as indices into data.encoded(0)
     ctx: Any = None                         # distributed.DistributedContext
+    compiled: bool = False                  # --compile: decoder blocks compiled (at the first step)
+    started: float = 0.0                    # perf_counter when setup began: start-up time includes compiling
 
 
 def setup(args: argparse.Namespace) -> Setup:
@@ -138,6 +140,7 @@ def setup(args: argparse.Namespace) -> Setup:
     import training
 
     # Under torchrun: join the group; a CUDA device becomes cuda:LOCAL_RANK.
+    started = time.perf_counter()
     ctx = distributed.DistributedContext.from_env(training.resolve_device(args.device))
     device = ctx.device
     precision = training.resolve_precision(device, args.precision)
@@ -157,7 +160,7 @@ def setup(args: argparse.Namespace) -> Setup:
         if parts.gpu_memory_bytes:
             info["memory_cap_bytes"] = parts.gpu_memory_bytes
     return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes, plan_shapes,
-                 rank_plan, ctx)
+                 rank_plan, ctx, training.resolve_compile(device, args.compile), started)
 
 
 def shard_shapes(data: Any, plan_shapes: list[report.BatchShape], world_size: int) -> list[list[report.BatchShape]]:
@@ -190,6 +193,7 @@ class Timings:
     padded_tokens: list[int] = field(default_factory=list)
     sample_lengths: list[float] = field(default_factory=list)  # mean real tokens per sample (for FLOPs)
     interrupted: bool = False
+    startup_seconds: float = 0.0  # setup to the timed window: loading, calibration, compiling, warm-up
 
 
 class BatchClock:
@@ -242,6 +246,23 @@ def _epoch_batches(data: Any, plan: list[list[int]], start: int) -> Iterator[tup
         position = 0
 
 
+def compile_graph_variants(s: Setup) -> int:
+    """--compile: one untimed step on a batch of each graph variant in the epoch (one row or several, padded
+    or not, recomputed or not), so compiling happens now and not in the timed window; returns how many.
+    Every process steps through the same list (under torchrun the gradient all-reduces must pair up)."""
+    import training
+
+    if not s.compiled:
+        return 0
+    encoded = s.data.encoded(0)
+    plan = (s.data.collate([encoded[i] for i in indices]) for indices in s.data.batch_plan(0))
+    variants = training.one_batch_per_graph_variant(s.step, plan)
+    with out_of_memory_as_user_error(s.device):
+        for batch in variants:
+            s.step(batch.to(s.device))
+    return len(variants)
+
+
 def run_longest_batch(s: Setup) -> tuple[report.BatchShape, float]:
     """One step on the biggest batch of the epoch, so an out-of-memory shows up in the first seconds (under
     torchrun every process steps on it: any of them may draw it in a later epoch)."""
@@ -282,6 +303,7 @@ def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) 
         _, batch = next(batches)
         s.step(batch.to(s.device))
     training.synchronize(s.device)  # the timed window starts with an idle device
+    startup_seconds = time.perf_counter() - s.started
     if on_start:
         on_start()
     clock = BatchClock(s.device)
@@ -304,7 +326,7 @@ def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) 
         if not records or s.ctx.is_distributed:  # the other processes may be mid-step: no agreed stop point
             raise
         interrupted = True
-    timings = Timings(interrupted=interrupted)
+    timings = Timings(interrupted=interrupted, startup_seconds=startup_seconds)
     timings.batch_ms = clock.durations_ms(len(records))
     for position, data_ms, tokens, padded, sample_length in records:
         timings.positions.append(position)
@@ -374,7 +396,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         memory_total_bytes=total_memory if s.device.type == "cuda" else None,
         overhead_share=overhead_share, skipped_steps=skipped,
         optimizer_steps=max(1, len(total_ms) // args.grad_accum), precision=s.precision.name,
-        drift=projection.drift, load_average=os.getloadavg()[0], cpu_count=os.cpu_count())
+        drift=projection.drift, load_average=os.getloadavg()[0], cpu_count=os.cpu_count(), compiled=s.compiled)
 
     total, trainable = model_lib.count_parameters(s.model)
     settings = cli_common.speed_settings(args, s.device_info, s.precision.name, ctx.world_size)
@@ -404,6 +426,8 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         "data": {"description": s.data_description, "samples": len(s.data.encoded(0)),
                  "samples_too_long": len(s.data.skipped(0))},
         "warmup_batches": args.warmup,
+        "compiled": s.compiled,
+        "startup_seconds": timings.startup_seconds,
         "timed_batches": len(total_ms),
         "per_batch_ms": report.Stats.of(total_ms).as_json(),
         "data_ms": report.Stats.of(timings.data_ms).as_json(),
@@ -500,11 +524,14 @@ def _measure(s: Setup) -> int:
     per = f" per process ({s.ctx.world_size} processes)" if s.ctx.is_distributed else ""
     say(f"Benchmarking {args.model_name} on {info['name']} ({s.precision.name}): {s.data_description}, "
         f"{len(s.epoch_shapes)} batches per epoch{per}")
+    if s.compiled:
+        say("Decoder blocks compiled (--compile): the first steps include compiling, outside the timed window")
     import run_setup
 
     recompute = run_setup.describe_long_batches(args, s.step, s.data)
     if recompute:
         say(recompute[0].upper() + recompute[1:])
+    compile_graph_variants(s)
     longest = run_longest_batch(s)
     say(f"Longest batch of the epoch ({longest[0].rows} x {longest[0].length} tokens) fits. "
         f"Warming up ({args.warmup} batch{'' if args.warmup == 1 else 'es'})...")

@@ -13,9 +13,9 @@ import torch
 
 import distributed
 from arc_dataset import Batch, DataError, DataSettings, TaskSet, TrainingData, load_tasks, training_samples
-from model import ModelSettings, load_model
+from model import ModelSettings, compile_decoder_layers, load_model
 from training import (Precision, TrainStep, build_optimizer, build_scheduler, cap_gpu_memory,
-                      long_batch_threshold)
+                      long_batch_threshold, resolve_compile)
 
 
 def build_training_data(args: argparse.Namespace) -> tuple[TaskSet, TrainingData]:
@@ -53,6 +53,8 @@ def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedCo
     torch.manual_seed(args.seed)  # random initialisation (tiny, --random-init) repeats with the seed
     model = load_model(settings).to(ctx.device)
     model.train()
+    if resolve_compile(ctx.device, args.compile):
+        compile_decoder_layers(model)  # compiles at the first step (the benchmark's warm-up)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_steps)
     # Saving, evaluation and parameter counts use `model`; the step runs the DDP wrapper (gradients

@@ -10,7 +10,7 @@ training.TrainStep. Both start from random weights of the same architecture: spe
 
 Each recipe runs in its own fresh process (so peak memory is its own), alternating ours/Trainer,
 Trainer/ours (ABBA) over --rounds rounds, each round on the same freshly drawn ARC samples for both, after
-one untimed warm-up step. Printed per recipe: real tokens/s (non-padding input tokens / timed wall seconds,
+untimed warm-up steps (--warmup random batches, then one of the round's longest sample). Printed per recipe: real tokens/s (non-padding input tokens / timed wall seconds,
 data preparation included), the share of computed tokens that are real, seconds per epoch projected as
 the epoch's real tokens / tokens/s, and peak memory (CUDA: max allocated; CPU: the process's peak RSS
 above its RSS before the model was built).
@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "small: a scaled-down Qwen2 (hidden 256, 4 layers) for a quick CPU run; "
                              "tiny: hidden 64, 2 layers, for tests")
     parser.add_argument("--steps", type=cli_common.positive_int, default=4,
-                        help="timed optimizer steps per recipe per round (after one warm-up step)")
+                        help="timed optimizer steps per recipe per round (after the warm-up)")
+    parser.add_argument("--warmup", type=cli_common.positive_int, default=3,
+                        help="untimed random batches per recipe before the timed ones (then one of the longest "
+                             "timed sample)")
     parser.add_argument("--rounds", type=cli_common.positive_int, default=2,
                         help="rounds; each runs both recipes on the same samples, order alternating")
     parser.add_argument("--batch-size", type=cli_common.positive_int, default=2,
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "trainer's default is 8192 (use it on a GPU); the Trainer recipe's full-vocabulary "
                              "logits and their gradients (~4 x batch x length x 151,936 floats) need ~2.5 GB "
                              "per 1000 tokens of padded batch, which this default keeps inside a small machine")
+    parser.add_argument("--compile", default=cli_common.COMPILE_DEFAULT, choices=["auto", "on", "off"],
+                        help="ours compiles its decoder blocks as the scripts' --compile does (the Trainer recipe "
+                             "stays eager, as its defaults are); the compile happens in the warm-up")
     parser.add_argument("--data", default=None, help="ARC tasks (as the scripts' --data; default arc-agi-2)")
     parser.add_argument("--seed", type=int, default=0, help="sample draw, augmentation and initialisation")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate for both recipes")
@@ -148,12 +154,20 @@ def usable_samples(args: argparse.Namespace) -> tuple[list[data.Sample], data.Tr
 
 def draw(samples: list[data.Sample], args: argparse.Namespace, batch_size: int,
          round_index: int) -> tuple[list[data.Sample], list[data.Sample]]:
-    """(warm-up samples, this round's timed samples): a seeded random draw, the same for both recipes."""
+    """(warm-up samples, this round's timed samples): a seeded random draw, the same for both recipes.
+
+    The warm-up is --warmup random batches, then a batch of copies of the round's longest timed sample, as the
+    benchmark steps on the epoch's longest batch first: both recipes' memory allocators then hold blocks big
+    enough for every timed step, and the one-off first-step costs are out of the window (on an H200, after a
+    single warm-up step ours timed 3,305 real tokens/s at batch 1, against 13,250 in the benchmark's 120
+    steps after its warm-up)."""
     order = np.random.default_rng(args.seed).permutation(len(samples))
-    warm = [samples[i] for i in order[:batch_size]]
-    start = batch_size + round_index * args.steps * batch_size
+    warm = [samples[i] for i in order[:args.warmup * batch_size]]
+    start = args.warmup * batch_size + round_index * args.steps * batch_size
     timed = [samples[i] for i in order[start:start + args.steps * batch_size]]
-    return warm, timed
+    longest_item = max(encoded(timed, args), key=lambda item: len(item.input_ids))
+    longest = next(s for s in timed if (s.task_id, s.index) == (longest_item.task_id, longest_item.index))
+    return warm + [longest] * batch_size, timed
 
 
 def encoded(samples: list[data.Sample], args: argparse.Namespace) -> list[data.EncodedSample]:
@@ -179,22 +193,28 @@ def _peak_memory(device: torch.device, baseline_rss: int) -> dict[str, Any]:
 def run_ours(args: argparse.Namespace, device: torch.device, warm: list[data.Sample],
              timed: list[data.Sample], batch_size: int, baseline_rss: int) -> dict[str, Any]:
     """This project's step: load_model (16-symbol vocabulary), TrainingData batches, TrainStep."""
-    from model import ModelSettings, load_model
-    from training import TrainStep, build_optimizer, build_scheduler, resolve_precision, synchronize
+    from model import ModelSettings, compile_decoder_layers, load_model
+    from training import (TrainStep, build_optimizer, build_scheduler, one_batch_per_graph_variant, resolve_compile,
+                          resolve_precision, synchronize)
 
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(shape_config(args.model_shape)))
         torch.manual_seed(args.seed)
         model = load_model(ModelSettings(model_name=folder, random_init=True)).to(device)
+    compiled = resolve_compile(device, args.compile)
+    if compiled:
+        compile_decoder_layers(model)
     precision = resolve_precision(device, "auto")
     optimizer = build_optimizer(model, lr=args.lr)
     scheduler = build_scheduler(optimizer, total_steps=10_000, warmup_steps=0)
     step = TrainStep(model, optimizer, scheduler, precision, device)
     settings = data_settings(args, batch_size)
-    for batch in data.TrainingData(warm, settings).batches(0):
-        step(batch)
     timed_data = data.TrainingData(timed, settings)
-    timed_data.encoded(0)  # the epoch's encoding happens once before its first step, as in the trainer
+    warm_batches = list(data.TrainingData(warm, settings).batches(0))
+    if compiled:  # compile every graph the timed steps need, in the warm-up
+        warm_batches += one_batch_per_graph_variant(step, timed_data.batches(0))
+    for batch in warm_batches:
+        step(batch)
     real = computed = steps = 0
     synchronize(device)
     start = time.perf_counter()
@@ -206,13 +226,13 @@ def run_ours(args: argparse.Namespace, device: torch.device, warm: list[data.Sam
     synchronize(device)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "steps": steps, "real_tokens": real, "computed_tokens": computed,
-            "final_loss": float(out.loss), "precision": precision.name,
+            "final_loss": float(out.loss), "precision": precision.name, "compiled": compiled,
             "vocab_size": int(model.config.vocab_size), **_peak_memory(device, baseline_rss)}
 
 
 def run_trainer(args: argparse.Namespace, device: torch.device, warm: list[data.Sample],
                 timed: list[data.Sample], batch_size: int, baseline_rss: int) -> dict[str, Any]:
-    """The Hugging Face Trainer recipe on the full-vocabulary model, timed from the end of the warm-up step."""
+    """The Hugging Face Trainer recipe on the full-vocabulary model, timed from the end of the warm-up."""
     from transformers import (AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
                               logging as hf_logging)
     from training import resolve_precision, synchronize
@@ -315,7 +335,9 @@ def run_worker(args: argparse.Namespace, recipe: str, batch_size: int, round_ind
     with tempfile.TemporaryDirectory() as folder:
         result_path = Path(folder) / "result.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--device", device,
-                   "--model-shape", args.model_shape, "--steps", str(args.steps), "--max-length",
+                   "--model-shape", args.model_shape, "--compile", args.compile, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup),
+                   "--max-length",
                    str(args.max_length), "--seed", str(args.seed), "--lr", str(args.lr),
                    *(["--data", args.data] if args.data else []),
                    *(["--tokens-per-batch", str(args.tokens_per_batch)] if args.tokens_per_batch else []),
@@ -345,7 +367,8 @@ def summarise(runs: list[dict[str, Any]], epoch_tokens: int) -> dict[str, Any]:
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "seconds": seconds,
             "steps": sum(r["steps"] for r in runs), "real_tokens": real, "computed_tokens": computed,
             "final_loss": runs[-1]["final_loss"], "vocab_size": runs[-1]["vocab_size"],
-            "precision": runs[-1]["precision"], "memory_kind": runs[-1]["memory_kind"], "rounds": runs}
+            "precision": runs[-1]["precision"], "compiled": runs[-1].get("compiled", False),
+            "memory_kind": runs[-1]["memory_kind"], "rounds": runs}
 
 
 def compare(args: argparse.Namespace, report: Callable[[dict[str, Any]], None] = lambda result: None
@@ -359,7 +382,7 @@ def compare(args: argparse.Namespace, report: Callable[[dict[str, Any]], None] =
         torch.set_num_threads(args.threads)  # so describe_device reports what the workers use
     samples, epoch, description = usable_samples(args)
     epoch_tokens = int(epoch.lengths(0).sum())
-    needed = max(args.batch_size, 1) * (1 + args.rounds * args.steps)
+    needed = max(args.batch_size, 1) * (args.warmup + args.rounds * args.steps)
     if needed > len(samples):
         raise UserError(f"{len(samples)} samples are too few for --rounds {args.rounds} x --steps {args.steps} "
                         f"at --batch-size {args.batch_size}; lower them")
@@ -371,7 +394,8 @@ def compare(args: argparse.Namespace, report: Callable[[dict[str, Any]], None] =
                                                       "num_key_value_heads", "intermediate_size", "vocab_size")},
               "settings": {"steps": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
                            "tokens_per_batch": args.tokens_per_batch, "max_length": args.max_length,
-                           "seed": args.seed, "data": description},
+                           "compile": args.compile,
+                           "warmup": args.warmup, "seed": args.seed, "data": description},
               "epoch": {"samples": len(epoch.encoded(0)), "real_tokens": epoch_tokens},
               "comparisons": comparisons}
     for batch_size in sorted({1, args.batch_size}):
@@ -410,25 +434,28 @@ def format_table(result: dict[str, Any]) -> str:
         f"{arch['num_attention_heads']}/{arch['num_key_value_heads']} heads, MLP {arch['intermediate_size']}; "
         f"vocabulary ours {data.VOCAB_SIZE}, Trainer {arch['vocab_size']:,}",
         f"data: {s['data']}; max_length {s['max_length']}; {s['rounds']} rounds x {s['steps']} timed steps per "
-        f"recipe, alternating (ABBA), each after 1 warm-up step",
+        f"recipe, alternating (ABBA), each after {s.get('warmup', 1)} random warm-up batches and one of the longest "
+        f"timed sample",
         f"epoch: {result['epoch']['samples']} samples, {result['epoch']['real_tokens']:,} real tokens; "
         f"tokens/s = real (non-padding) input tokens / timed wall seconds",
         "",
-        f"{'batch':<6}{'recipe':<28}{'real tok/s':>11}{'real share':>11}{'s/epoch':>10}{'peak mem':>10}",
+        f"{'batch':<6}{'recipe':<32}{'real tok/s':>11}{'real share':>11}{'s/epoch':>10}{'peak mem':>10}",
     ]
     for batch_size, c in result["comparisons"].items():
         ours_name = ("ours, packed rows" if s["tokens_per_batch"] and batch_size != "1"
                      else "ours, length-grouped" if batch_size != "1" else "ours")
         theirs_name = "HF Trainer, padded" if batch_size != "1" else "HF Trainer"
+        if c["ours"].get("compiled"):
+            ours_name += ", compiled"
         for name, r in ((ours_name, c["ours"]), (theirs_name, c["trainer"])):
             if r.get("oom"):
-                lines.append(f"{batch_size:<6}{name:<28}{'out of memory':>24}")
+                lines.append(f"{batch_size:<6}{name:<32}{'out of memory':>24}")
                 continue
-            lines.append(f"{batch_size:<6}{name:<28}{r['tokens_per_second']:>11.1f}{r['real_share']:>10.1%}"
+            lines.append(f"{batch_size:<6}{name:<32}{r['tokens_per_second']:>11.1f}{r['real_share']:>10.1%}"
                          f"{r['epoch_seconds']:>10.0f}{r['peak_memory_bytes'] / 2**30:>8.2f}GB")
         q = c["ratios"]
         if q:
-            lines.append(f"{'':<6}{'ours / Trainer':<28}{q['tokens_per_second']:>10.2f}x{'':>11}"
+            lines.append(f"{'':<6}{'ours / Trainer':<32}{q['tokens_per_second']:>10.2f}x{'':>11}"
                          f"{q['epoch_seconds']:>9.2f}x{q['peak_memory']:>9.2f}x")
     fitted = {b: c for b, c in result["comparisons"].items() if not c["trainer"].get("oom") and c["ratios"]}
     missed = [f"batch {b}: {c['ratios']['tokens_per_second']:.2f}x the tokens/s, "

@@ -7,10 +7,12 @@
 #   compare  compare_hf_trainer.py against the Hugging Face Trainer recipe at batch size 1 and 4, max length
 #            8192 (issue 6's goal: >= 2x the real tokens/s with less memory; at batch size 8 the Trainer
 #            recipe ran out of memory on a 139.8 GiB H200).
+#   compile  the benchmark with --compile off and on (COMPILE_BATCHES, 150), then compare_hf_trainer with ours
+#            compiled at batch size 1 and 4 (--compile off if the compiled benchmark did not finish).
 #   variants the benchmark (100 batches) as on a T4, fp16 autocast + GradScaler in --gpu-memory 14.7 (does the
 #            longest sample fit with --checkpoint-long-batches auto?), and at --batch-size 8 (length-grouped:
 #            more tokens per step for GPUs that a batch of one leaves idle).
-# Usage: bash benchmarks/gpu_check.sh OUT_DIR [speed|compare|variants|all]
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR [speed|compare|compile|variants|all]
 # Each step's cap in seconds can be set: BENCH_TIMEOUT (200), TRAIN_TIMEOUT (330), COMPARE_TIMEOUT (500),
 # VARIANT_TIMEOUT (150 each).
 # On a machine without this project's pins (no network): run benchmarks/device_wheels.sh where pip works,
@@ -18,7 +20,7 @@
 # COMPARE_ARGS="..." rehearse the flow on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_check.sh OUT_DIR [speed|compare|variants|all]}
+out=${1:?usage: gpu_check.sh OUT_DIR [speed|compare|compile|variants|all]}
 stage=${2:-all}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -33,8 +35,9 @@ read -r -a common <<< "--device $device ${MODEL_ARGS:---random-init} ${EXTRA:-}"
 train_dir=${TRAIN_DIR:-/tmp/gpu_check_train}   # checkpoints of a 0.5B model are GBs: not under OUT
 
 { nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv 2>/dev/null || echo "no nvidia-smi"
-  "$py" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-'transformers', transformers.__version__)"; } | tee "$out/versions.txt"
+  "$py" -c "import torch, transformers; from torch.utils._triton import has_triton
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__,
+      'triton', __import__('triton').__version__ if has_triton() else None)"; } | tee "$out/versions.txt"
 
 if [[ $stage == speed || $stage == all ]]; then
     timeout "${BENCH_TIMEOUT:-200}" "$py" measure_throughput.py "${common[@]}" --json "$out/throughput.json" 2>&1 | tee "$out/throughput.log"
@@ -64,6 +67,17 @@ if [[ $stage == compare || $stage == all ]]; then
     read -r -a compare <<< "${COMPARE_ARGS:---model-shape qwen2.5-0.5b --steps 10 --batch-size 4 --max-length 8192}"
     timeout "${COMPARE_TIMEOUT:-500}" "$py" benchmarks/compare_hf_trainer.py --device "$device" "${compare[@]}" \
         --json "$out/compare.json" 2>&1 | tee "$out/compare.log"
+fi
+if [[ $stage == compile ]]; then
+    for mode in off on; do
+        timeout "${BENCH_TIMEOUT:-200}" "$py" measure_throughput.py "${common[@]}" --compile $mode \
+            --num-batches "${COMPILE_BATCHES:-150}" --json "$out/throughput_compile_$mode.json" 2>&1 \
+            | tee "$out/throughput_compile_$mode.log"
+    done
+    mode=on; [[ -s $out/throughput_compile_on.json ]] || mode=off
+    read -r -a compare <<< "${COMPARE_ARGS:---model-shape qwen2.5-0.5b --steps 10 --batch-size 4 --max-length 8192}"
+    timeout "${COMPARE_TIMEOUT:-500}" "$py" benchmarks/compare_hf_trainer.py --device "$device" "${compare[@]}" \
+        --compile $mode --json "$out/compare.json" 2>&1 | tee "$out/compare.log"
 fi
 if [[ $stage == variants || $stage == all ]]; then
     for variant in "t4:--precision fp16 --gpu-memory 14.7" "batch8:--batch-size 8"; do

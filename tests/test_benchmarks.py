@@ -37,8 +37,8 @@ def test_compare_hf_trainer_runs_both_recipes_and_writes_its_table(tmp_path: Pat
     out = tmp_path / "compare.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare_hf_trainer.py"), "--device", "cpu",
-         "--model-shape", "tiny", "--steps", "1", "--rounds", "1", "--batch-size", "2", "--max-length", "512",
-         "--threads", "1", "--json", str(out)],
+         "--model-shape", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "1", "--batch-size", "2",
+         "--max-length", "512", "--threads", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "HF Trainer, padded" in proc.stdout and "ours / Trainer" in proc.stdout
@@ -55,6 +55,17 @@ def test_compare_hf_trainer_runs_both_recipes_and_writes_its_table(tmp_path: Pat
             ours["tokens_per_second"] / theirs["tokens_per_second"])
     assert result["comparisons"]["1"]["trainer"]["real_share"] == 1.0
     assert result["comparisons"]["2"]["trainer"]["real_share"] < 1.0  # padding
+
+
+def test_compare_hf_trainer_warms_both_recipes_up_on_the_longest_timed_sample() -> None:
+    args = compare_hf_trainer.build_parser().parse_args(["--steps", "5", "--warmup", "2", "--max-length", "512"])
+    samples, _, _ = compare_hf_trainer.usable_samples(args)
+    warm, timed = compare_hf_trainer.draw(samples, args, batch_size=3, round_index=1)
+    assert len(timed) == 15 and len(warm) == 2 * 3 + 3
+    keys = lambda group: {(s.task_id, s.index) for s in group}  # noqa: E731
+    assert not keys(warm[:6]) & keys(timed)  # random warm-up samples are not timed ones
+    lengths = {(e.task_id, e.index): len(e.input_ids) for e in compare_hf_trainer.encoded(timed, args)}
+    assert [lengths[(s.task_id, s.index)] for s in warm[6:]] == [max(lengths.values())] * 3
 
 
 def test_compare_hf_trainer_rejects_bad_flags_before_loading_anything() -> None:

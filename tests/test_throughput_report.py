@@ -163,6 +163,9 @@ def test_diagnostics_come_from_measurements():
     for phrase in ("data preparation takes 25%", "memory pressure", "CPU/launch-bound steps: 70%",
                    "40 of 500 optimizer steps were skipped"):
         assert phrase in found
+    assert "--compile on" in found
+    compiled = Measurements("cuda", 0.01, 5 * 2**30, 16 * 2**30, 0.7, 0, 500, "bf16", compiled=True)
+    assert ["CPU/launch-bound steps: 70%" in d and "--compile" not in d for d in diagnose(compiled)] == [True]
     cpu = Measurements("cpu", 0.01, None, None, 0.9, 0, 10, "fp32", load_average=1.9, cpu_count=2)
     assert diagnose(cpu) == []
     busy = Measurements("cpu", 0.01, None, None, 0.9, 0, 10, "fp32", load_average=5.5, cpu_count=2)
