@@ -160,7 +160,7 @@ def setup(args: argparse.Namespace) -> Setup:
         if parts.gpu_memory_bytes:
             info["memory_cap_bytes"] = parts.gpu_memory_bytes
     return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes, plan_shapes,
-                 rank_plan, ctx, training.resolve_compile(device, args.compile), started)
+                 rank_plan, ctx, parts.compiled, started)
 
 
 def shard_shapes(data: Any, plan_shapes: list[report.BatchShape], world_size: int) -> list[list[report.BatchShape]]:

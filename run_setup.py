@@ -38,6 +38,7 @@ class TrainingParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: TrainStep
     gpu_memory_bytes: int | None = None  # --gpu-memory, as the allocator enforces it (None: the whole card)
+    compiled: bool = False               # --compile: the decoder blocks compile at their first step
 
 
 def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedContext, precision: Precision,
@@ -53,7 +54,8 @@ def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedCo
     torch.manual_seed(args.seed)  # random initialisation (tiny, --random-init) repeats with the seed
     model = load_model(settings).to(ctx.device)
     model.train()
-    if resolve_compile(ctx.device, args.compile):
+    compiled = resolve_compile(ctx.device, args.compile)
+    if compiled:
         compile_decoder_layers(model)  # compiles at the first step (the benchmark's warm-up)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_steps)
@@ -64,7 +66,7 @@ def build_training_step(args: argparse.Namespace, ctx: distributed.DistributedCo
     if selective:
         step.checkpoint_above = (long_batches if long_batches != "auto"
                                  else long_batch_threshold(step, *calibration_batches(data), memory))
-    return TrainingParts(model, optimizer, scheduler, step, memory)
+    return TrainingParts(model, optimizer, scheduler, step, memory, compiled)
 
 
 def calibration_batches(data: TrainingData) -> tuple[Batch, Batch]:

@@ -71,8 +71,8 @@ from distributed import DistributedContext
 from evaluation import EvalResult, evaluate, merge_results, tasks_with_answers
 from model import count_parameters, save_model
 from run_setup import build_training_data, build_training_step, describe_long_batches
-from training import (describe_device, load_optimizer_state, oom_message, peak_memory_bytes, resolve_compile,
-                      resolve_device, resolve_precision, synchronize)
+from training import (describe_device, load_optimizer_state, oom_message, peak_memory_bytes, resolve_device,
+                      resolve_precision, synchronize)
 
 RUNS_DIR = Path("runs")
 METRICS_FILE = "metrics.jsonl"
@@ -657,6 +657,7 @@ class Trainer:
         parts = build_training_step(args, self.ctx, self.precision, self.total_steps, self.data)
         self.model, self.optimizer, self.scheduler, self.train_step = (
             parts.model, parts.optimizer, parts.scheduler, parts.step)
+        self.compiled = parts.compiled
         self.parameters, self.trainable = count_parameters(self.model)
         # Before the first save is timed: weights + two AdamW moments of the trained part, ~150 MB/s disk.
         self.checkpoint_bytes = 12 * self.trainable
@@ -708,8 +709,7 @@ class Trainer:
             + ("" if args.augment else "; no augmentation"),
             f"model: {args.model_name}, {self.parameters / 1e6:.1f}M parameters ({self.trainable / 1e6:.1f}M trained"
             + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") + ")"
-            + ("; decoder blocks compiled (--compile: the first steps compile)"
-               if resolve_compile(self.device, args.compile) else "")
+            + ("; decoder blocks compiled (--compile: the first steps compile)" if self.compiled else "")
             + (f"; {recompute}" if (recompute := describe_long_batches(args, self.train_step, self.data)) else ""),
             f"schedule: {_plural(self.epochs, 'epoch')}, {sum(self.epoch_batches)} batches"
             + (" per process" if self.ctx.is_distributed else "") + f", {self.total_steps} "
