@@ -312,7 +312,7 @@ class TrainStep:
         if not self.model.training:  # train() walks every module (~0.7 ms a step for 24 layers on a CPU core)
             self.model.train()
         if self.checkpoint_above is not None:
-            self._recompute(batch.input_ids.numel() > self.checkpoint_above)
+            self._recompute(self._recomputes(batch))
         stepped = (self.micro_steps + 1) % self.grad_accum == 0
         # Under DDP, gradients are all-reduced only on the accumulation boundary.
         with no_sync(self.model, sync=stepped):
@@ -327,9 +327,12 @@ class TrainStep:
     def graph_variant(self, batch: data.Batch) -> tuple[bool, bool, bool, bool]:
         """What makes compiled decoder blocks (--compile) trace a graph of their own: one row or several, packed
         or not, a padding mask or none, activations recomputed or not. Lengths do not: shapes are dynamic."""
-        recompute = self.checkpoint_above is not None and batch.input_ids.numel() > self.checkpoint_above
         return (batch.input_ids.shape[0] > 1, batch.segment_ids is not None, batch.attention_mask is not None,
-                recompute)
+                self._recomputes(batch))
+
+    def _recomputes(self, batch: data.Batch) -> bool:
+        """Whether `batch` is over the long-batch limit (checkpoint_above) and recomputes its activations."""
+        return self.checkpoint_above is not None and batch.input_ids.numel() > self.checkpoint_above
 
     def _recompute(self, enabled: bool) -> None:
         if enabled != self._checkpointing:

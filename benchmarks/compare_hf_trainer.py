@@ -10,9 +10,10 @@ training.TrainStep. Both start from random weights of the same architecture: spe
 
 Each recipe runs in its own fresh process (so peak memory is its own), alternating ours/Trainer,
 Trainer/ours (ABBA) over --rounds rounds, each round on the same freshly drawn ARC samples for both, after
-untimed warm-up steps (--warmup random batches, then one of the round's longest sample). Printed per recipe: real tokens/s (non-padding input tokens / timed wall seconds,
-data preparation included), the share of computed tokens that are real, seconds per epoch projected as
-the epoch's real tokens / tokens/s, and peak memory (CUDA: max allocated; CPU: the process's peak RSS
+untimed warm-up steps (--warmup random batches, then one of the round's longest sample). Printed per
+recipe: real tokens/s (non-padding input tokens / timed wall seconds, data preparation included), the
+share of computed tokens that are real, seconds per epoch projected as the epoch's real tokens / tokens/s,
+and peak memory (CUDA: max allocated; CPU: the process's peak RSS
 above its RSS before the model was built).
 
     python benchmarks/compare_hf_trainer.py --device cuda --model-shape qwen2.5-0.5b --steps 20 \\
@@ -336,9 +337,8 @@ def run_worker(args: argparse.Namespace, recipe: str, batch_size: int, round_ind
         result_path = Path(folder) / "result.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--device", device,
                    "--model-shape", args.model_shape, "--compile", args.compile, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup),
-                   "--max-length",
-                   str(args.max_length), "--seed", str(args.seed), "--lr", str(args.lr),
+                   "--warmup", str(args.warmup), "--max-length", str(args.max_length), "--seed", str(args.seed),
+                   "--lr", str(args.lr),
                    *(["--data", args.data] if args.data else []),
                    *(["--tokens-per-batch", str(args.tokens_per_batch)] if args.tokens_per_batch else []),
                    *(["--threads", str(args.threads)] if args.threads else []),
@@ -394,8 +394,7 @@ def compare(args: argparse.Namespace, report: Callable[[dict[str, Any]], None] =
                                                       "num_key_value_heads", "intermediate_size", "vocab_size")},
               "settings": {"steps": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
                            "tokens_per_batch": args.tokens_per_batch, "max_length": args.max_length,
-                           "compile": args.compile,
-                           "warmup": args.warmup, "seed": args.seed, "data": description},
+                           "compile": args.compile, "warmup": args.warmup, "seed": args.seed, "data": description},
               "epoch": {"samples": len(epoch.encoded(0)), "real_tokens": epoch_tokens},
               "comparisons": comparisons}
     for batch_size in sorted({1, args.batch_size}):
@@ -434,8 +433,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"{arch['num_attention_heads']}/{arch['num_key_value_heads']} heads, MLP {arch['intermediate_size']}; "
         f"vocabulary ours {data.VOCAB_SIZE}, Trainer {arch['vocab_size']:,}",
         f"data: {s['data']}; max_length {s['max_length']}; {s['rounds']} rounds x {s['steps']} timed steps per "
-        f"recipe, alternating (ABBA), each after {s.get('warmup', 1)} random warm-up batches and one of the longest "
-        f"timed sample",
+        f"recipe, alternating (ABBA), each after "
+        + (f"{s['warmup']} random warm-up batches and one of the longest timed sample" if "warmup" in s
+           else "1 warm-up step"),  # results written before --warmup existed
         f"epoch: {result['epoch']['samples']} samples, {result['epoch']['real_tokens']:,} real tokens; "
         f"tokens/s = real (non-padding) input tokens / timed wall seconds",
         "",
