@@ -46,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -64,7 +65,7 @@ import distributed
 import throughput_report
 from arc_dataset import SYMBOLS, load_tasks
 from atomic_io import write_text_atomic
-from cli_common import (HelpFormatter, add_shared_args, jsonable, non_negative_int, positive_int, speed_settings,
+from cli_common import (DEFAULT_MODEL, HelpFormatter, add_shared_args, jsonable, non_negative_int, positive_int, speed_settings,
                         validate_shared_args)
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 from distributed import DistributedContext
@@ -84,6 +85,9 @@ SCRIPT = "python trainloop_gpu_finetuned.py"
 TRAJECTORY_ARGS = ("model_name", "random_init", "lora_rank", "data", "solutions", "max_length", "batch_size",
                    "tokens_per_batch", "augment", "seed", "lr", "weight_decay", "grad_accum", "max_grad_norm",
                    "warmup_steps")
+# Settings that decide what code runs and which weights load. A checkpoint is untrusted input, so these come from
+# the command line only: a resume never takes them from meta.json, and refuses when the checkpoint's differ.
+MODEL_SOURCE_ARGS = ("model_name", "random_init", "trust_remote_code")
 SLOWDOWN_FACTOR = 1.5         # steps this much slower than early in the run -> warn (once)
 BENCHMARK_SLOWDOWN = 1.25     # epoch projected this much longer than measure_throughput.py said -> warn (once)
 REFERENCE_STEPS = 100         # steps (after the first) that define "early in the run"
@@ -189,7 +193,11 @@ def validate_args(args: argparse.Namespace) -> list[str]:
 
 def merge_resumed_args(args: argparse.Namespace, explicit: set[str], saved: dict[str, Any]) -> list[str]:
     """Take the resumed run's settings for every flag not given now; refuse changes that would make the
-    continuation inexact. Returns notes to print (e.g. a changed schedule length)."""
+    continuation inexact. Returns notes to print (e.g. a changed schedule length).
+
+    The model's source (MODEL_SOURCE_ARGS) is never taken from the checkpoint: a tampered meta.json must not
+    be able to turn on remote code or swap the weights. A checkpoint of another model is refused instead."""
+    check_model_source(args, saved)
     conflicts = [f"--{key.replace('_', '-')} {getattr(args, key)!r} (run: {saved[key]!r})"
                  for key in TRAJECTORY_ARGS if key in explicit and key in saved and getattr(args, key) != saved[key]]
     if conflicts:
@@ -201,11 +209,36 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str], saved: dict
             notes.append(f"--{key.replace('_', '-')} changed from {saved[key]} to {getattr(args, key)}: the "
                          f"learning-rate schedule is stretched to the new length from here on")
     for key, value in saved.items():
-        if key not in explicit and key not in ("resume", "output_dir") and hasattr(args, key):
+        if (key not in explicit and key not in ("resume", "output_dir") and key not in MODEL_SOURCE_ARGS
+                and hasattr(args, key)):
             setattr(args, key, value)
     if "throughput_json" not in explicit and args.throughput_json and not Path(args.throughput_json).is_file():
         args.throughput_json = None  # only used to compare speeds once the epoch count is fixed
     return notes
+
+
+def check_model_source(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    """Refuse a resume whose command line would load another model than the checkpoint was trained from,
+    naming the flag to give (the checkpoint's values are only compared, never used)."""
+    wrong = []
+    if saved.get("model_name", args.model_name) != args.model_name:
+        wrong.append(f"it was trained from --model-name {saved['model_name']!r} and this command loads "
+                     f"{args.model_name!r}")
+    if bool(saved.get("random_init", False)) != bool(args.random_init):
+        wrong.append("it was trained " + ("with" if saved.get("random_init") else "without")
+                     + " --random-init and this command " + ("gives" if args.random_init else "does not give")
+                     + " it")
+    if wrong:
+        raise UserError(f"--resume: the checkpoint is of another model than this command loads ({'; '.join(wrong)}); "
+                        f"the model and its code are chosen on the command line only, never by a checkpoint: give "
+                        f"the same --model-name / --random-init as the run")
+
+
+def model_source_flags(args: argparse.Namespace) -> list[str]:
+    """The command-line flags that choose the model (repeated in the resume command, since a resume takes
+    them from the command line only)."""
+    flags = [] if args.model_name == DEFAULT_MODEL else ["--model-name", args.model_name]
+    return flags + ["--random-init"] * bool(args.random_init) + ["--trust-remote-code"] * bool(args.trust_remote_code)
 
 
 # ------------------------------------------------------------------------------------------ --epochs auto
@@ -1171,10 +1204,12 @@ class Trainer:
             lines.append(f"  last eval    {loop.last_eval['eval_accuracy']:.1%} of test inputs, "
                          f"{loop.last_eval['eval_task_accuracy']:.1%} of tasks (epoch {loop.last_eval['epoch']}, "
                          f"step {loop.last_eval['step']}){best}")
-        resume = f"{self._launcher()} --resume {self.output_dir}"
+        resume = shlex.join([*shlex.split(self._launcher()), "--resume", str(self.output_dir),
+                             *model_source_flags(args)])
         if outcome == "non-finite":
-            retry = (f"retry from the last good checkpoint with other numerics (--resume {self.last_checkpoint} "
-                     f"--precision bf16 or fp32), or " if self.last_checkpoint is not None else "")
+            again = shlex.join(["--resume", str(self.last_checkpoint), *model_source_flags(args)])
+            retry = (f"retry from the last good checkpoint with other numerics ({again} --precision bf16 or "
+                     f"fp32), or " if self.last_checkpoint is not None else "")
             lines.append(f"  the weights after step {loop.step} are not saved; {retry}start a new run with a smaller "
                          f"--lr (now {args.lr:g})")
             self.ctx.print("\n".join(lines))

@@ -111,13 +111,13 @@ def test_checkpoints_resume_exactly_under_torchrun(two_process_run):
     folder, _, _ = two_process_run
     whole = folder / "two"
     epoch_end = torchrun("trainloop_gpu_finetuned.py", "--resume", str(whole / "checkpoints" / "step-00000004"),
-                         "--output-dir", str(folder / "from_epoch"), cwd=folder)
+                         "--model-name", "tiny", "--output-dir", str(folder / "from_epoch"), cwd=folder)
     assert epoch_end.returncode == 0, epoch_end.stderr[-3000:]
     assert "resumed from" in epoch_end.stdout
     assert losses(folder / "from_epoch", 4) == pytest.approx(losses(whole, 4), rel=1e-5)
     # the epoch line of epoch 1 (loss sums and samples carried over the resume) matches too
     middle = torchrun("trainloop_gpu_finetuned.py", "--resume", str(whole / "checkpoints" / "step-00000006"),
-                      "--output-dir", str(folder / "from_middle"), cwd=folder)
+                      "--model-name", "tiny", "--output-dir", str(folder / "from_middle"), cwd=folder)
     assert middle.returncode == 0, middle.stderr[-3000:]
     assert losses(folder / "from_middle", 6) == pytest.approx(losses(whole, 6), rel=1e-5)
     resumed, expected = records(folder / "from_middle", "epoch")[-1], records(whole, "epoch")[-1]
@@ -128,7 +128,7 @@ def test_checkpoints_resume_exactly_under_torchrun(two_process_run):
 def test_resume_with_another_number_of_processes_is_refused(two_process_run, capsys):
     folder, _, _ = two_process_run
     with pytest.raises(trainloop.UserError, match="trained by 2 processes.*torchrun --nproc_per_node 2"):
-        trainloop.main(["--resume", str(folder / "two"), "--output-dir", str(folder / "other")])
+        trainloop.main(["--resume", str(folder / "two"), "--model-name", "tiny", "--output-dir", str(folder / "other")])
 
 
 def test_ctrl_c_stops_both_processes_with_a_checkpoint(tmp_path):

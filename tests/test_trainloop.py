@@ -107,9 +107,9 @@ def test_resume_gives_the_same_losses_as_one_run(tmp_path, capsys):
               "--keep-checkpoints", "5")
     assert run_main(tiny_args(tmp_path, "whole", *common)) == 0
     whole = tmp_path / "whole"
-    assert run_main(["--resume", str(whole / "checkpoints" / "step-00000004"),
+    assert run_main(["--resume", str(whole / "checkpoints" / "step-00000004"), "--model-name", "tiny",
                      "--output-dir", str(tmp_path / "from_epoch")]) == 0
-    assert run_main(["--resume", str(whole / "checkpoints" / "step-00000006"),
+    assert run_main(["--resume", str(whole / "checkpoints" / "step-00000006"), "--model-name", "tiny",
                      "--output-dir", str(tmp_path / "from_middle")]) == 0
     capsys.readouterr()
     expected = _losses(whole, 4)
@@ -140,7 +140,7 @@ def test_interrupt_between_accumulated_batches_resumes_exactly(tmp_path, capsys,
     state, meta = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "parts" / "checkpoints"))
     assert (meta["batch"], meta["step"], meta["reason"]) == (3, 1, "interrupted") and state["grads"] is not None
     monkeypatch.setattr(trainloop.StopRequest, "__bool__", lambda self: False)
-    assert run_main(["--resume", str(tmp_path / "parts")]) == 0
+    assert run_main(["--resume", str(tmp_path / "parts"), "--model-name", "tiny"]) == 0
     capsys.readouterr()
     expected = _losses(tmp_path / "whole", 0)
     assert expected[::3] == [1, 2, 3, 4]
@@ -150,7 +150,7 @@ def test_interrupt_between_accumulated_batches_resumes_exactly(tmp_path, capsys,
 def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys):
     assert run_main(tiny_args(tmp_path, "run", "--epochs", "1", "--max-batches", "2")) == 0
     with pytest.raises(UserError, match=r"cannot change: --lr 0.01 \(run: 0.003\)"):
-        run_main(["--resume", str(tmp_path / "run"), "--lr", "1e-2"])
+        run_main(["--resume", str(tmp_path / "run"), "--model-name", "tiny", "--lr", "1e-2"])
     with pytest.raises(UserError, match="already holds a run"):
         run_main(tiny_args(tmp_path, "run", "--epochs", "1"))
 
@@ -168,7 +168,7 @@ def test_ctrl_c_saves_a_loadable_checkpoint_and_says_how_to_resume(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert "SIGINT: stopping after the current batch" in err
-    assert f"resume with  python trainloop_gpu_finetuned.py --resume {tmp_path / 'run'}" in out
+    assert f"resume with  python trainloop_gpu_finetuned.py --resume {tmp_path / 'run'} --model-name tiny" in out
     latest = checkpointing.latest_checkpoint(tmp_path / "run" / "checkpoints")
     state, meta = checkpointing.load_checkpoint(latest)
     assert meta["reason"] == "interrupted" and meta["step"] == state["loop"]["step"] >= 3
@@ -445,3 +445,32 @@ def test_resume_keeps_the_run_settings_not_given_again():
     assert args.throughput_json is None and args.resume == ""
     assert notes == ["--epochs changed from 2 to 4: the learning-rate schedule is stretched to the new length "
                      "from here on"]
+
+
+def test_a_tampered_checkpoint_cannot_turn_on_remote_code_or_swap_the_model(tmp_path, capsys):
+    """meta.json is untrusted: the model's source comes from the command line only. A checkpoint saying
+    trust_remote_code is ignored; one naming another model is refused, naming the flag."""
+    assert run_main(tiny_args(tmp_path, "run", "--epochs", "1", "--max-batches", "2")) == 0
+    checkpoint = checkpointing.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    meta_file = checkpoint / checkpointing.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["args"].update(trust_remote_code=True, random_init=False)
+    meta_file.write_text(json.dumps(meta))
+    args, explicit = trainloop.parse_args(["--resume", str(checkpoint), "--model-name", "tiny"])
+    trainloop.merge_resumed_args(args, explicit, meta["args"])
+    assert args.trust_remote_code is False and args.model_name == "tiny"
+    meta["args"].update(model_name="attacker/model")
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"--model-name 'attacker/model' and this command loads 'tiny'"):
+        run_main(["--resume", str(checkpoint), "--model-name", "tiny", "--epochs", "2"])
+    meta["args"].update(model_name="tiny", random_init=True)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"trained with --random-init"):
+        run_main(["--resume", str(checkpoint), "--model-name", "tiny", "--epochs", "2"])
+
+
+def test_resume_without_the_model_flags_is_refused_with_what_to_give(tmp_path, capsys):
+    assert run_main(tiny_args(tmp_path, "run", "--epochs", "1", "--max-batches", "2")) == 0
+    with pytest.raises(UserError, match=r"trained from --model-name 'tiny' and this command loads "
+                                        r"'Qwen/Qwen2.5-0.5B-Instruct'"):
+        run_main(["--resume", str(tmp_path / "run"), "--epochs", "2"])
