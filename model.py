@@ -561,8 +561,8 @@ def check_weight_files(folder: Path) -> None:
             pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in folder.glob(pattern))
             if pickled:
                 raise UserError(f"{folder / pickled[0]}: pickled weights are not loaded (unpickling can run "
-                                f"code) and {file.name} is missing; convert them with "
-                                f"save_pretrained(..., safe_serialization=True) where you trust the file")
+                                f"code) and {file.name} is missing; where you trust the file, load it once "
+                                f"and save_pretrained() it again (that writes safetensors)")
             raise UserError(f"{file}: missing; the model folder has no weights")
         try:
             with safe_open(file, "pt"):
