@@ -4,7 +4,8 @@ The pretrained Qwen vocabulary has ~152k rows; ARC needs 16 symbols (colours 0-9
 markers, bos/eos/pad; see arc_dataset). `load_model` slices the embedding and output rows down to those
 16, each initialised from the pretrained token that spells the symbol, found through the model's own
 tokenizer. Measured on the Qwen2.5-0.5B architecture on CPU this is 1.4-1.8x faster per step and ~3.5 GB
-smaller. Token id i of the compact model is arc_dataset's id i, so no tokenizer is needed afterwards.
+smaller. Token id i of the compact model is arc_dataset's id i, so training needs no tokenizer; saved folders
+carry one anyway (`arc_tokenizer`), for users and other tools.
 
     settings = ModelSettings("Qwen/Qwen2.5-0.5B-Instruct")   # from the HF cache or the Hub
     settings = ModelSettings("Qwen/Qwen2.5-0.5B", random_init=True)   # bundled config, no download
@@ -12,8 +13,10 @@ smaller. Token id i of the compact model is arc_dataset's id i, so no tokenizer 
     model = load_model(settings)                              # fp32 on CPU; move it with .to(device)
 
 Training inputs: `model(**model_inputs(batch, attention_implementation(model), attention_layer_types(model)))`
-keeps packed samples from attending to each other. Saved folders (`save_model`) load back with `load_saved_model(path)`, or with plain
-`AutoModelForCausalLM.from_pretrained(path)`: LoRA adapters are merged into the weights before saving.
+keeps packed samples from attending to each other. Saved folders (`save_model`) load back with
+`load_saved_model(path)`, as `--model-name path` (to fine-tune them further), or with plain
+`AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`: LoRA adapters are
+merged into the weights before saving. Hub ids are looked up in the local Hugging Face cache first.
 """
 from __future__ import annotations
 
@@ -176,11 +179,13 @@ def _config_for_random_init(settings: ModelSettings):
         values = json.loads(bundled[name].read_text())
         return AutoConfig.for_model(**values)
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--random-init: no bundled config for {name!r} and it could not be fetched "
-                        f"({_first_line(exc)}); bundled: {', '.join(bundled)}; or give a local folder with "
-                        f"a config.json, or --model-name tiny") from None
+        return _from_folder_cache_or_hub(
+            name, lambda source, local_only: AutoConfig.from_pretrained(
+                source, trust_remote_code=settings.trust_remote_code, local_files_only=local_only))
+    except UserError as exc:
+        raise UserError(f"--random-init: no bundled config for {name!r} and it could not be loaded "
+                        f"({exc}); bundled: {', '.join(bundled)}; or give a local folder with a config.json, "
+                        f"or --model-name tiny") from None
 
 
 def _random_init_model(settings: ModelSettings) -> nn.Module:
@@ -195,17 +200,102 @@ def _random_init_model(settings: ModelSettings) -> nn.Module:
 def _pretrained_model(settings: ModelSettings) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     name = settings.model_name
+
+    def load(source: str, local_only: bool):
+        kwargs = {"trust_remote_code": settings.trust_remote_code, "local_files_only": local_only}
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        # use_safetensors: a pickled pytorch_model.bin could run code while it loads; refuse it instead.
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
+                                                     attn_implementation=settings.attn_implementation, **kwargs)
+        return model, tokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                     attn_implementation=settings.attn_implementation,
-                                                     trust_remote_code=settings.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
-        raise UserError(f"could not load model {name!r}{offline}: {_first_line(exc)}; offline alternatives: "
-                        f"--random-init (bundled configs: {', '.join(bundled_configs())}), a local checkpoint "
-                        f"folder, or --model-name tiny") from None
+        if Path(name).is_dir():
+            check_weight_files(Path(name))
+        model, tokenizer = _from_folder_cache_or_hub(name, load)
+    except UserError as exc:
+        raise UserError(f"could not load model {name!r}: {exc}; offline alternatives: --random-init (bundled "
+                        f"configs: {', '.join(bundled_configs())}), a local checkpoint folder, or --model-name "
+                        f"tiny") from None
     return compact_vocabulary(model, tokenizer)
+
+
+HUB_CHECK_TIMEOUT_S = 10.0
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(var, "0") not in ("", "0") for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _from_folder_cache_or_hub(name: str, load):
+    """`load(source, local_only)` from a local folder or the Hugging Face cache first; the hub only when neither
+    has it, and only after one quick request says the hub answers and has the model.
+
+    Without this, a mistyped id or a machine with no network spent ~47 s in huggingface_hub's retries before
+    failing (measured offline on this project's machine; ~57 s reported elsewhere); the check fails in well
+    under a second. A cached model is loaded from its snapshot folder, not by id: by id, even with
+    local_files_only, transformers 5.24 still asks the hub for an adapter_config.json (~30 s of retries offline).
+    Raises UserError with the reason (no advice: the callers add what to do)."""
+    from safetensors import SafetensorError
+    problems = (OSError, ValueError, SafetensorError)
+    if Path(name).is_dir():
+        try:
+            return load(name, True)
+        except problems as exc:
+            raise UserError(f"the folder {name} could not be loaded ({_first_line(exc)})") from None
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    if looks_local or "/" in name and Path(name).parent.is_dir():  # a hub id is "owner/name"
+        raise UserError(f"no such folder {name}")
+    snapshot = _cached_snapshot(name)
+    where = f"it is not in the local Hugging Face cache ({_hub_cache_dir()})"
+    if snapshot is not None:
+        try:
+            return load(str(snapshot), True)
+        except problems as exc:  # e.g. only the config is cached (a --random-init run fetches just that)
+            where = f"its copy in the local Hugging Face cache ({snapshot}) could not be loaded ({_first_line(exc)})"
+    if _hub_offline():
+        raise UserError(f"{where} and HF_HUB_OFFLINE is set")
+    hub_problem = _hub_problem(name)
+    if hub_problem:
+        raise UserError(f"{where} and {hub_problem}")
+    try:
+        return load(name, False)
+    except problems as exc:
+        raise UserError(_first_line(exc)) from None
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The cache folder of the model's main revision, when the cache holds at least its config."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        config = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _hub_problem(name: str) -> str | None:
+    """Why the hub cannot give `name` (unreachable, or no such model), from one request; None when it can."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, RepositoryNotFoundError
+    try:
+        huggingface_hub.model_info(name, timeout=HUB_CHECK_TIMEOUT_S)
+    except HFValidationError as exc:
+        return f"it is not a valid model id ({_first_line(exc)})"
+    except RepositoryNotFoundError:
+        return (f"the hub has no model {name!r} (mistyped? a private or gated model needs `hf auth login`)")
+    except HfHubHTTPError:
+        return None  # the hub answered: let the download report its own error
+    except Exception as exc:  # network errors come from the HTTP client huggingface_hub bundles
+        return (f"the hub at {constants.ENDPOINT} cannot be reached ({_first_line(exc)}); where there is "
+                f"network, `hf download {name}` puts it in the cache")
+    return None
 
 
 @contextlib.contextmanager
@@ -291,6 +381,9 @@ def compact_vocabulary(model: nn.Module, tokenizer) -> nn.Module:
     model.set_input_embeddings(new_in)
     model.set_output_embeddings(new_out)
     _set_compact_config(model.config)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:  # the pretrained ids (Qwen's eos 151645) would never stop model.generate
+        generation.bos_token_id, generation.eos_token_id, generation.pad_token_id = data.BOS, data.EOS, data.PAD
     model.config.arc_source_token_ids = ids  # saved in config.json: where each row came from
     return model
 
@@ -366,9 +459,37 @@ def _to_cpu_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------- saving / loading
 
+# The token of each compact id in the saved tokenizer: arc_dataset's symbols, the row end written as the
+# byte-level tokenizer's newline ("Ċ").
+TOKEN_TEXTS: tuple[str, ...] = tuple("Ċ" if i == data.ROW_END else symbol for i, symbol in enumerate(data.SYMBOLS))
+
+
+def arc_tokenizer(model_max_length: int | None = None):
+    """A Hugging Face tokenizer for the compact vocabulary, saved in every model folder for users and tools.
+
+    One token per character, with the model's ids: the digits are the colours (ids 0-9), a newline ends a
+    row (10), "I" / "O" start an input / output grid, and "<bos>", "<eos>", "<pad>" are its special tokens;
+    spaces and any other character are dropped ("0 1\n" encodes as "01\n"). Decoding joins tokens with
+    nothing between them, so `decode(ids, skip_special_tokens=True)` of a generated grid is its text, one row
+    per line. Training does not use it: arc_dataset's vectorised encoder builds the same ids from the grids.
+
+    It is Qwen2Tokenizer (a PreTrainedTokenizerFast) over a 16-entry vocabulary with no merges, which is a
+    word-level lookup of single characters. Not a plain `tokenizers` WordLevel model: transformers 5's
+    AutoTokenizer rebuilds the tokenizer of every qwen2 folder as Qwen2Tokenizer's byte-level pipeline,
+    which turned a WordLevel model's "\n" into an unknown "Ċ" and dropped every row end (seen with 5.24).
+    """
+    from transformers import Qwen2Tokenizer
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return Qwen2Tokenizer(vocab={text: i for i, text in enumerate(TOKEN_TEXTS)}, merges=[], unk_token=None,
+                          bos_token=TOKEN_TEXTS[data.BOS], eos_token=TOKEN_TEXTS[data.EOS],
+                          pad_token=TOKEN_TEXTS[data.PAD],
+                          padding_side="left", **extra)  # left: batched generation continues each row
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, run_settings: dict[str, Any]) -> Path:
-    """Write a self-describing folder atomically: weights + config (save_pretrained), the vocabulary and
-    the run settings. The folder appears complete or not at all (temp dir beside it, then os.replace)."""
+    """Write a self-describing folder atomically: weights + config (save_pretrained), the compact tokenizer,
+    the vocabulary and the run settings. The folder appears complete or not at all (temp dir beside it,
+    then os.replace)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -376,6 +497,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, run_settings: dict[str
         base = model.get_base_model() if is_lora(model) else model
         with _quiet_progress():
             base.save_pretrained(tmp, state_dict=merged_state_dict(model))
+            arc_tokenizer(getattr(base.config, "max_position_embeddings", None)).save_pretrained(tmp)
         vocabulary = {"symbols": list(data.SYMBOLS), "vocab_size": data.VOCAB_SIZE,
                       "ids": {"row_end": data.ROW_END, "input": data.INPUT, "output": data.OUTPUT,
                               "bos": data.BOS, "eos": data.EOS, "pad": data.PAD},
@@ -390,19 +512,64 @@ def save_model(model: nn.Module, path: str | os.PathLike, run_settings: dict[str
 
 
 def load_saved_model(path: str | os.PathLike, attn_implementation: str = "sdpa") -> nn.Module:
-    """Load a folder written by `save_model` (fp32, CPU), compact vocabulary included, no tokenizer needed."""
+    """Load a folder written by `save_model` (fp32, CPU), compact vocabulary included, no tokenizer needed.
+
+    A damaged folder (bad vocabulary file, empty or cut-short weights, pickled weights only) is a UserError
+    naming the file; pickled `.bin` weights are never unpickled."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     folder = Path(path)
     vocab_path = folder / VOCAB_FILE
     if not vocab_path.is_file():
         raise UserError(f"{folder}: not a saved ARC model (no {VOCAB_FILE}); give a folder written by save_model")
-    vocabulary = json.loads(vocab_path.read_text())
-    if vocabulary.get("symbols") != list(data.SYMBOLS):
-        raise UserError(f"{vocab_path}: vocabulary {vocabulary.get('symbols')} differs from this code's "
-                        f"{list(data.SYMBOLS)}")
-    with _quiet_progress():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                    attn_implementation=attn_implementation)
+    _check_vocabulary(vocab_path)
+    check_weight_files(folder)
+    try:
+        with _quiet_progress():
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                        local_files_only=True,
+                                                        attn_implementation=attn_implementation)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"{folder}: the saved model could not be loaded ({_first_line(exc)})") from None
+
+
+def _check_vocabulary(vocab_path: Path) -> None:
+    try:
+        vocabulary = json.loads(vocab_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{vocab_path}: not a readable vocabulary file ({_first_line(exc)}); the saved model "
+                        f"folder is damaged: save the model again") from None
+    symbols = vocabulary.get("symbols") if isinstance(vocabulary, dict) else None
+    if symbols != list(data.SYMBOLS):
+        raise UserError(f"{vocab_path}: vocabulary {symbols} differs from this code's {list(data.SYMBOLS)}")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a folder whose weights are pickled only, or whose safetensors files are empty or cut short, with
+    one line naming the file (safe_open reads only each file's header and checks it against the file size)."""
+    from safetensors import SafetensorError, safe_open
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{index}: not a readable safetensors index ({_first_line(exc)})") from None
+    else:
+        files = [folder / "model.safetensors"]
+    for file in files:
+        if not file.is_file():
+            pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in folder.glob(pattern))
+            if pickled:
+                raise UserError(f"{folder / pickled[0]}: pickled weights are not loaded (unpickling can run "
+                                f"code) and {file.name} is missing; where you trust the file, load it once "
+                                f"and save_pretrained() it again (that writes safetensors)")
+            raise UserError(f"{file}: missing; the model folder has no weights")
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"{file}: not a complete safetensors file ({_first_line(exc)}); it is empty or was "
+                            f"cut short: save or download the model again") from None
 
 
 def load_run_settings(path: str | os.PathLike) -> dict[str, Any]:
