@@ -127,6 +127,16 @@ class BudgetPolicy:
     max_useful_epochs: int = DEFAULT_MAX_USEFUL_EPOCHS
 
 
+def stop_rule_reserve(costs: RunCosts, slowest_step_seconds: float, fixed_seconds: float = 5.0,
+                      eval_slack: float = 0.2) -> float:
+    """The reserve (BudgetPolicy.reserve_seconds) that keeps a run on plan clear of the trainer's time-budget
+    rules at its very end: after its last step the plan still holds the last evaluation, checkpoint and final
+    save, while the trainer stops when less than 2 steps + 1.5 checkpoints + 1.5 final saves + `fixed_seconds`
+    is left, and skips an evaluation with less than 1.2 of its time (`eval_slack`) on top of that."""
+    return (fixed_seconds + 2 * slowest_step_seconds + 0.5 * (costs.checkpoint_seconds + costs.final_save_seconds)
+            + eval_slack * costs.eval_pass_seconds)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Counting what a run does
 

@@ -135,6 +135,9 @@ def test_the_margin_follows_the_expected_error_with_a_floor():
 def test_the_reserve_is_kept_free():
     row = rb.recommend(3600, COSTS, SCHEDULE, rb.BudgetPolicy(reserve_seconds=300))
     assert row.planned_seconds * 1.10 + 300 <= 3600
+    # the trainer's stop rule: 5 s + 2 steps + half a checkpoint and final save beyond the plan, and 20% of
+    # an evaluation (it skips one with less than 1.2x its time left)
+    assert rb.stop_rule_reserve(COSTS, 0.5) == pytest.approx(5 + 1.0 + 0.5 * (6.0 + 2.5) + 0.2 * 102.0)
 
 
 def test_partial_epoch_row_is_the_most_batches_whose_whole_plan_fits():
