@@ -23,7 +23,8 @@ first got wrong, planned as all of them (an upper bound; early in training nearl
 
 The margin. The epoch projection carries a 95% expected error; a row fits only if its whole plan, grown by that
 error, still ends inside the budget: planned x (1 + margin) + reserve <= budget. The margin is the expected
-error, at least MIN_MARGIN (5%: evaluation and save times have errors of their own, and machines vary a few
+error (its evaluation part: the evaluation projection's own error when known, see plan_margin), at least
+MIN_MARGIN (5%: evaluation and save times have errors of their own, and machines vary a few
 percent from run to run), and UNKNOWN_MARGIN (25%) when the error is unknown (a single timed batch).
 """
 from __future__ import annotations
@@ -54,6 +55,7 @@ class RunCosts:
     `checkpoint_seconds`: one checkpoint write; `final_save_seconds`: one `model.save_model`;
     `plot_seconds`: one redraw of training_curves.png (each epoch end and at the end).
     `expected_error`: the epoch projection's 95% expected error as a fraction (None: unknown).
+    `eval_error`: the evaluation pass projection's expected error as a fraction (None: as `expected_error`).
     `batch_seconds`: optional predicted seconds of each batch of epoch 0 in training order (the benchmark's
     cost model), so a partial epoch (--max-batches) is planned on the batches it will really train."""
     startup_seconds: float
@@ -65,6 +67,7 @@ class RunCosts:
     plot_seconds: float = 0.0
     expected_error: float | None = None
     batch_seconds: tuple[float, ...] | None = None
+    eval_error: float | None = None
 
     def __post_init__(self) -> None:
         if self.epoch_seconds <= 0 or self.batches_per_epoch < 1:
@@ -231,6 +234,18 @@ def margin_for(expected_error: float | None, policy: BudgetPolicy = BudgetPolicy
     return max(float(expected_error), policy.min_margin)
 
 
+def plan_margin(plan: RunPlan, costs: RunCosts, policy: BudgetPolicy = BudgetPolicy()) -> float:
+    """The margin of one plan: the projection's expected error over the whole plan, except that its
+    evaluation part carries the evaluation projection's own error (`eval_error`, when known); at least
+    `min_margin`. Without `eval_error` this is margin_for(expected_error)."""
+    overall = margin_for(costs.expected_error, policy)
+    if costs.eval_error is None or plan.planned_seconds <= 0:
+        return overall
+    evaluation_error = costs.eval_error if math.isfinite(costs.eval_error) else policy.unknown_margin
+    weighted = (overall * (plan.planned_seconds - plan.evaluation) + evaluation_error * plan.evaluation)
+    return max(policy.min_margin, weighted / plan.planned_seconds)
+
+
 def _needed(plan: RunPlan, margin: float, policy: BudgetPolicy) -> float:
     """The budget a plan needs, its upper end under the margin."""
     return plan.planned_seconds * (1 + margin) + policy.reserve_seconds
@@ -288,7 +303,7 @@ def minimum_budget_seconds(costs: RunCosts, schedule: Schedule, policy: BudgetPo
     checkpoint, the final save, grown by the margin. A shorter --time-budget is refused with this number."""
     smallest = min(schedule.grad_accum, schedule.epoch_batches)
     plan = plan_run(costs, schedule.with_length(1, smallest))
-    return _needed(plan, margin_for(costs.expected_error, policy), policy)
+    return _needed(plan, plan_margin(plan, costs, policy), policy)
 
 
 def budget_problem(budget_seconds: float, costs: RunCosts, schedule: Schedule,
@@ -298,7 +313,8 @@ def budget_problem(budget_seconds: float, costs: RunCosts, schedule: Schedule,
     needed = minimum_budget_seconds(costs, schedule, policy)
     if budget_seconds >= needed:
         return None
-    margin = margin_for(costs.expected_error, policy)
+    smallest = plan_run(costs, schedule.with_length(1, min(schedule.grad_accum, schedule.epoch_batches)))
+    margin = plan_margin(smallest, costs, policy)
     parts = [f"start-up {format_seconds(costs.startup_seconds)}"]
     if schedule.eval_enabled:
         parts.append(f"one evaluation {format_seconds(costs.eval_pass_seconds)}")
@@ -316,12 +332,16 @@ def recommend(budget_seconds: float, costs: RunCosts, schedule: Schedule, policy
     useful maximum); when not one epoch fits, the most --max-batches of one epoch that does; when not even
     the smallest run fits, a row without a plan and the budget it needs. `schedule`'s epochs and max_batches
     are ignored: they are what is being chosen (its grad_accum, evaluation and saving settings are kept)."""
-    margin = margin_for(costs.expected_error, policy)
     full = schedule.with_length(1, None)
 
     def fits(epochs: int, max_batches: int | None = None) -> RunPlan | None:
         plan = plan_run(costs, full.with_length(epochs, max_batches))
-        return plan if _needed(plan, margin, policy) <= budget_seconds * (1 + 1e-12) else None
+        needed = _needed(plan, plan_margin(plan, costs, policy), policy)
+        return plan if needed <= budget_seconds * (1 + 1e-12) else None
+
+    def row(plan: RunPlan | None, fits_epochs: int, capped: bool = False) -> BudgetRow:
+        margin = plan_margin(plan, costs, policy) if plan is not None else margin_for(costs.expected_error, policy)
+        return BudgetRow(budget_seconds, margin, plan, fits_epochs, capped, source=source)
 
     if fits(1) is not None:
         # The plan grows by at least an epoch's training per epoch: double, then bisect.
@@ -332,16 +352,16 @@ def recommend(budget_seconds: float, costs: RunCosts, schedule: Schedule, policy
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) is not None else (low, middle)
         epochs = min(low, policy.max_useful_epochs)
-        return BudgetRow(budget_seconds, margin, fits(epochs), low, low > policy.max_useful_epochs, source=source)
+        return row(fits(epochs), low, low > policy.max_useful_epochs)
     # Part of one epoch: the most batches (at least one optimizer step's) that fit.
     low, high = schedule.grad_accum - 1, schedule.batches_per_epoch
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(1, middle) is not None else (low, middle)
     if low < schedule.grad_accum:
-        return BudgetRow(budget_seconds, margin, None, 0, False,
+        return BudgetRow(budget_seconds, margin_for(costs.expected_error, policy), None, 0, False,
                          needed_seconds=minimum_budget_seconds(costs, schedule, policy), source=source)
-    return BudgetRow(budget_seconds, margin, fits(1, low), 0, False, source=source)
+    return row(fits(1, low), 0)
 
 
 def recommendations(costs: RunCosts, schedule: Schedule, budgets_hours: Iterable[float] = DEFAULT_BUDGET_HOURS,

@@ -132,6 +132,20 @@ def test_the_margin_follows_the_expected_error_with_a_floor():
         assert row.planned_seconds * 1.30 <= row.budget_seconds
 
 
+def test_the_evaluation_part_carries_its_own_error():
+    plan = rb.plan_run(COSTS, SCHEDULE.with_length(4, None))
+    assert rb.plan_margin(plan, COSTS) == pytest.approx(0.10)          # no eval_error: the expected error
+    shaky = rb.RunCosts(**{**vars(COSTS), "eval_error": 0.40})
+    share = plan.evaluation / plan.planned_seconds
+    assert rb.plan_margin(plan, shaky) == pytest.approx(0.10 * (1 - share) + 0.40 * share)
+    row = rb.recommend(4 * 3600, shaky, SCHEDULE)
+    assert row.margin == pytest.approx(rb.plan_margin(row.plan, shaky))
+    assert row.planned_seconds * (1 + row.margin) <= 4 * 3600
+    assert row.epochs <= rb.recommend(4 * 3600, COSTS, SCHEDULE).epochs
+    exact = rb.RunCosts(**{**vars(COSTS), "eval_error": 0.0, "expected_error": 0.0})
+    assert rb.plan_margin(plan, exact) == rb.MIN_MARGIN
+
+
 def test_the_reserve_is_kept_free():
     row = rb.recommend(3600, COSTS, SCHEDULE, rb.BudgetPolicy(reserve_seconds=300))
     assert row.planned_seconds * 1.10 + 300 <= 3600

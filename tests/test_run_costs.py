@@ -137,6 +137,9 @@ def test_measurement_keeps_to_its_limit_and_projects_timed_plus_predicted():
     assert math.fsum(part.timed.values()) <= 2.0 + truth.predict(batches[0]) + 0.1
     assert part.pass_seconds == pytest.approx(full.pass_seconds, rel=0.05)
     assert part.as_json()["timed_batches"] == len(part.timed)
+    assert full.expected_error == 0.0                           # every batch timed
+    predicted_share = 1 - math.fsum(part.timed.values()) / part.pass_seconds
+    assert 0 < part.expected_error <= predicted_share + 1e-12
 
 
 def test_real_decoding_is_measured_and_projected(tiny):
