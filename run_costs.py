@@ -321,9 +321,8 @@ def measure_evaluation(model: torch.nn.Module, batches: Sequence[EvalBatch], *, 
     try:
         for index in order:
             if timed:
-                fitted = EvalCostModel.fit([batches[i] for i in timed], list(timed.values()))
                 left = time_limit - (time.perf_counter() - began)
-                if fitted.predict(batches[index]) > left:
+                if _cautious_prediction(batches, timed, batches[index]) > left:
                     bar.update(1)
                     continue
             timed[index] = clock(batches[index])
@@ -346,6 +345,17 @@ def measure_evaluation(model: torch.nn.Module, batches: Sequence[EvalBatch], *, 
                            inputs=sum(b.rows for b in batches if b.attempt == 1),
                            prompt_tokens=sum(b.prompt_tokens for b in batches),
                            generated_tokens=sum(b.generated_tokens for b in batches))
+
+
+def _cautious_prediction(batches: Sequence[EvalBatch], timed: dict[int, float], batch: EvalBatch) -> float:
+    """Seconds `batch` may take, to decide whether timing it stays inside the limit: the fit once 4 batches are
+    timed; before that the largest of the one-term models scaled to the timed batches (which term dominates,
+    decode steps on a GPU or cache reads on a CPU, is not known yet)."""
+    if len(timed) >= 4:
+        return EvalCostModel.fit([batches[i] for i in timed], list(timed.values())).predict(batch)
+    spent = math.fsum(timed.values())
+    work = np.array([batches[i].features() for i in timed]).sum(axis=0)
+    return max(spent * f / w for f, w in zip(batch.features(), work) if w > 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
