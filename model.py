@@ -698,9 +698,13 @@ class GridGrammar:
 
 @torch.no_grad()
 def generate_token_batch(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-                         precision=None) -> list[list[int]]:
+                         precision=None, exact_new_tokens: Sequence[int] | None = None) -> list[list[int]]:
     """Greedy decoding of several prompts at once with one KV cache; only colours, row ends and EOS can be
     produced. Each row stops on its own, after EOS or once its output can no longer be a grid.
+
+    `exact_new_tokens` (for timing evaluation, run_costs.py): row r generates exactly that many tokens
+    (within max_new_tokens), EOS and the grid rules ignored, as a trained model that writes the known answer
+    would; an untrained one stops at the wrong place.
 
     A decode step is launch-bound on a GPU (one token per row through every layer), so 8 rows cost little
     more than 1. Prompts are padded on the left, with the mask and positions that make each row decode as
@@ -719,11 +723,12 @@ def generate_token_batch(model: nn.Module, prompts: Sequence[torch.Tensor], max_
         inputs.update(attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
         next_positions = lengths.to(device)[:, None]
     max_new_tokens = min(max_new_tokens, MAX_GRID_TOKENS)
+    exact = None if exact_new_tokens is None else [min(int(n), max_new_tokens) for n in exact_new_tokens]
     blocked = ~GENERATABLE.to(device)
     dtype = getattr(precision, "autocast_dtype", None)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     grammars = [GridGrammar() for _ in range(rows)]
-    active = [True] * rows
+    active = [True] * rows if exact is None else [n > 0 for n in exact]
     was_training = model.training
     model.eval()
     try:
@@ -735,7 +740,8 @@ def generate_token_batch(model: nn.Module, prompts: Sequence[torch.Tensor], max_
                     if active[row]:
                         tokens[row].append(token)
                         # Done, or the output can no longer be a grid: stop instead of running to the cap.
-                        active[row] = token != data.EOS and grammars[row].accepts(token)
+                        active[row] = (token != data.EOS and grammars[row].accepts(token) if exact is None
+                                       else len(tokens[row]) < exact[row])
                 if not any(active):
                     break
                 inputs = {"input_ids": chosen[:, None], "cache": out.cache, "use_cache": True}
