@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cli_common import add_data_source_args
-from errors import UserError, run_cli
+from errors import UserError, printable, run_cli
 
 # ---- Vocabulary: one token per cell, ids 0-9 are the colours themselves. ----
 ROW_END = 10   # end of a grid row ("\n")
@@ -137,6 +137,7 @@ class TaskSet:
     tasks: list[Task]
     description: str
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # problems that did not cost a task (duplicates, ...)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -222,18 +223,21 @@ def _load_path(path: Path, solutions: str | None, strict: bool) -> TaskSet:
         beside = path.with_name(path.name[: -len("_challenges.json")] + "_solutions.json")
         solutions_path = beside if beside.is_file() else None
     content = _read_json(path)
-    if isinstance(content, dict) and "train" in content:  # a single task file
+    if _is_single_task(content):  # a single task file
         content = {path.stem: content}
     if not isinstance(content, dict):
         raise DataError(f"{path}: expected a JSON object mapping task ids to tasks, got {_kind(content)}")
     if not content:
         raise DataError(f"{path}: holds no tasks (an empty JSON object)")
+    warnings = _duplicate_warnings(content, path, strict)
     solved = None
     if solutions_path is not None:
         solved = _read_json(solutions_path)
         if not isinstance(solved, dict):
             raise DataError(f"{solutions_path}: expected a JSON object mapping task ids to lists of output "
                             f"grids, got {_kind(solved)}")
+        warnings += _duplicate_warnings(solved, solutions_path, strict)
+        warnings += _solution_warnings(content, solved, solutions_path)
     tasks, skipped = [], []
     for task_id, raw in content.items():
         try:
@@ -245,33 +249,97 @@ def _load_path(path: Path, solutions: str | None, strict: bool) -> TaskSet:
             skipped.append(str(err))
     if not tasks:
         raise DataError(f"{path}: no valid task ({len(skipped)} invalid; first: {skipped[0]})")
-    description = f"{path}: {len(tasks)} tasks"
+    description = f"{printable(path)}: {len(tasks)} tasks"
     if solutions_path is not None:
-        description += f" (test outputs from {solutions_path})"
+        description += f" (test outputs from {printable(solutions_path)})"
     elif path.name.endswith("_challenges.json"):
         description += " (no *_solutions.json found: test outputs unknown)"
-    return TaskSet(tasks, description, skipped)
+    return TaskSet(tasks, description, skipped, warnings)
+
+
+def _is_single_task(content: Any) -> bool:
+    """A single task `{"train": [...], "test": [...]}`, not a tasks file that has a task named "train"."""
+    return isinstance(content, dict) and isinstance(content.get("train"), list)
+
+
+def _looks_like_tasks_file(content: Any) -> bool:
+    return (isinstance(content, dict) and bool(content) and not _is_single_task(content)
+            and all(isinstance(v, dict) and "train" in v for v in content.values()))
+
+
+def _duplicate_warnings(content: Any, path: Path, strict: bool) -> list[str]:
+    """One line when the JSON object repeated task ids (json keeps the last of each); an error if strict."""
+    repeated = getattr(content, "duplicates", None)
+    if not repeated:
+        return []
+    ids = sorted(set(repeated))
+    line = (f"{path}: {len(repeated)} duplicate task id{'s' if len(repeated) != 1 else ''} "
+            f"({len(ids)} distinct, e.g. {_clean(ids[0])}); the last of each is kept")
+    if strict:
+        raise DataError(line.replace("; the last of each is kept", "; task ids must be unique (--strict)"))
+    return [line]
+
+
+def _solution_warnings(content: dict, solved: dict, solutions_path: Path) -> list[str]:
+    """Counts of the tasks a Kaggle solutions file does not answer, answers that match no task, and nulls."""
+    missing = [k for k in content if k not in solved]
+    extra = [k for k in solved if k not in content]
+    null = [k for k, v in solved.items() if v is None and k in content]
+    lines = []
+    for ids, what in ((missing, "tasks have no solutions there (their test outputs are unknown)"),
+                      (extra, "solutions are for task ids not in the challenges file (ignored)"),
+                      (null, "solutions are null (test outputs unknown)")):
+        if ids:
+            lines.append(f"{solutions_path}: {len(ids)} {what}, e.g. {_clean(ids[0])}")
+    return lines
 
 
 def _load_folder(folder: Path, strict: bool) -> TaskSet:
     files = sorted(p for p in folder.glob("*.json") if p.is_file())
     if not files:
         raise DataError(f"{folder}: no .json files (a folder must hold one <task_id>.json per task)")
-    tasks, skipped = [], []
+    found: dict[str, Task] = {}
+    skipped, warnings, repeated = [], [], []
     for file in files:
         try:
             try:
                 raw = _read_json(file)
             except DataError as err:  # an unreadable file in a folder is one bad task
                 raise _TaskError(f"{err} (task {_clean(file.stem)})") from None
-            tasks.append(_parse_task(file.stem, raw, str(file), None, None))
+            if file.name.endswith(("_challenges.json", "_solutions.json")):
+                raise _TaskError(f"{file}: a Kaggle file, not one task; give it as --data {file} (the "
+                                 f"*_solutions.json beside a *_challenges.json is found by itself)")
+            if _looks_like_tasks_file(raw):  # a tasks file {task_id: task} inside the folder: its tasks
+                warnings += _duplicate_warnings(raw, file, strict)
+                parsed = []
+                for task_id, task_raw in raw.items():
+                    try:
+                        parsed.append(_parse_task(str(task_id), task_raw, str(file), None, None))
+                    except _TaskError as err:
+                        if strict:
+                            raise
+                        skipped.append(str(err))
+            else:
+                parsed = [_parse_task(file.stem, raw, str(file), None, None)]
         except _TaskError as err:
             if strict:
                 raise
             skipped.append(str(err))
+            continue
+        for task in parsed:
+            if task.task_id in found:
+                repeated.append(task.task_id)
+            found[task.task_id] = task
+    if repeated:
+        line = (f"{folder}: {len(repeated)} task id{'s' if len(repeated) != 1 else ''} appear in more than one "
+                f"file (e.g. {_clean(repeated[0])}); the last file's task is kept")
+        if strict:
+            raise DataError(line.replace("; the last file's task is kept", "; task ids must be unique (--strict)"))
+        warnings.append(line)
+    tasks = list(found.values())
     if not tasks:
         raise DataError(f"{folder}: no valid task in {len(files)} files (first problem: {skipped[0]})")
-    return TaskSet(tasks, f"{folder}/: {len(tasks)} tasks", skipped)
+    return TaskSet(tasks, f"{printable(folder)}/: {len(tasks)} tasks", skipped, warnings)
 
 
 def _read_json(path: Path) -> Any:
@@ -294,7 +362,7 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: not a JSON text file (byte {err.start} is not UTF-8); "
                         "is it binary or compressed?") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_object)
     except RecursionError:
         raise DataError(f"{path}: JSON nested far too deeply to be ARC data") from None
     except json.JSONDecodeError as err:
@@ -304,11 +372,31 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON: {_first_line(str(err))}") from None
 
 
+class _ObjectWithDuplicates(dict):
+    """A JSON object whose text repeated keys (json keeps the last value); `duplicates` lists them."""
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    result = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    seen: set[str] = set()
+    repeated = [k for k, _ in pairs if k in seen or seen.add(k)]
+    result = _ObjectWithDuplicates(result)
+    result.duplicates = repeated
+    return result
+
+
 def _parse_task(task_id: str, raw: Any, file: str, answers: Any, solutions_path: Path | None) -> Task:
     where = f"{file}: task {_clean(task_id)}"
     if not isinstance(raw, dict):
         raise _TaskError(f"{where}: expected an object with 'train' and 'test' lists, got {_kind(raw)}")
     train_raw, test_raw = raw.get("train"), raw.get("test", [])
+    if "train" not in raw:
+        looks = (" (it looks like a tasks file {task_id: task}: give it as --data itself)"
+                 if _looks_like_tasks_file(raw) else "")
+        raise _TaskError(f"{where}: no 'train' list of {{\"input\", \"output\"}} pairs{looks}")
     if not isinstance(train_raw, list):
         raise _TaskError(f"{where}: 'train' must be a list of {{\"input\", \"output\"}} pairs, got {_kind(train_raw)}")
     if not train_raw:
@@ -364,9 +452,14 @@ def _to_grid(value: Any, where: str) -> np.ndarray:
         if array.ndim != 2:
             array = np.array([[None]], dtype=object)
         if array.dtype.kind not in "iu":
-            bad = next((c for row in value for c in row
-                        if isinstance(c, bool) or not isinstance(c, int)), None)
-            raise _TaskError(f"{where}: cells must be integers 0-9, found {_short(bad)}")
+            for r, row in enumerate(value):
+                for c, cell in enumerate(row):
+                    if isinstance(cell, bool) or not isinstance(cell, int):
+                        raise _TaskError(f"{where}: cells must be integers 0-9, found {_short(cell)} "
+                                         f"(row {r}, column {c})")
+                    if not 0 <= cell <= 9:
+                        raise _TaskError(f"{where}: cell (row {r}, column {c}) is {_short(cell)}; colours are 0-9")
+            raise _TaskError(f"{where}: cells must be integers 0-9")
     _check_shape(array.shape[0], array.shape[1], where)
     if array.dtype.kind not in "iu":
         raise _TaskError(f"{where}: cells must be integers 0-9, got dtype {array.dtype}")
@@ -386,8 +479,10 @@ def _check_shape(height: int, width: int, where: str) -> None:
 
 
 def _warn_skipped(taskset: TaskSet) -> None:
+    for line in taskset.warnings:
+        print(f"warning: {printable(line)}", file=sys.stderr)
     for line in taskset.skipped[:MAX_WARNINGS_SHOWN]:
-        print(f"warning: skipped {line}", file=sys.stderr)
+        print(f"warning: skipped {printable(line)}", file=sys.stderr)
     if len(taskset.skipped) > MAX_WARNINGS_SHOWN:
         print(f"warning: ... and {len(taskset.skipped) - MAX_WARNINGS_SHOWN} more invalid tasks skipped",
               file=sys.stderr)
@@ -403,13 +498,17 @@ def _kind(value: Any) -> str:
 
 
 def _clean(text: str) -> str:
-    """A task id or value safe to put in a one-line message."""
+    """A task id or value safe to put in a one-line message: control characters escaped, cut at 64."""
     text = str(text)
-    return text if text.isprintable() and len(text) <= 64 else repr(text[:64])
+    return printable(text) if len(text) <= 64 else printable(text[:61]) + "..."
 
 
 def _short(value: Any) -> str:
-    return _kind(value) if isinstance(value, (list, dict)) else _clean(repr(value))
+    if isinstance(value, (list, dict)):
+        return _kind(value)
+    if type(value) is int and abs(value) >= 10**60:
+        return f"{'minus ' if value < 0 else ''}a {len(str(abs(value)))}-digit number"
+    return _clean(repr(value))
 
 
 def _first_line(text: str) -> str:
@@ -861,7 +960,8 @@ def format_grid_rows(grid: np.ndarray | None, colour: bool) -> list[str]:
 
 def show_task(task: Task, colour: bool = False) -> str:
     """Every pair of a task, input and output side by side, for a person to read."""
-    lines = [f"task {task.task_id}: {len(task.train)} train pairs, {len(task.test)} test pairs"]
+    lines = [f"task {printable(task.task_id)}: {_count(len(task.train), 'train pair')}, "
+             f"{_count(len(task.test), 'test pair')}"]
     for split, pairs in (("train", task.train), ("test", task.test)):
         for k, (inp, out) in enumerate(pairs):
             left, right = format_grid_rows(inp, colour), format_grid_rows(out, colour)
@@ -873,6 +973,10 @@ def show_task(task: Task, colour: bool = False) -> str:
                 b = right[r] if r < len(right) else ""
                 lines.append(f"  {a}   {'->' if r == 0 else '  '}   {b}".rstrip())
     return "\n".join(lines)
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def data_stats(taskset: TaskSet, settings: DataSettings) -> dict[str, Any]:
@@ -948,7 +1052,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps(stats))
         else:
-            print(f"data: {stats['data']}")
+            print(f"data: {printable(stats['data'])}")
             print(f"tasks: {stats['tasks']} ({stats['invalid_tasks']} invalid skipped); "
                   f"evaluation samples (test inputs): {stats['eval_samples']}")
             print(f"training samples: {stats['samples']} of {stats['train_pairs']} train pairs "

@@ -191,3 +191,15 @@ def replace_directory(source: Path, target: Path) -> None:
         os.replace(retired, target)  # put the old one back: the target never goes missing
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def give_normal_permissions(folder: str | os.PathLike) -> None:
+    """Set a finished temporary folder and the files in it to normal modes (0777 / 0666 less the umask)
+    before it is renamed into place: mkdtemp makes folders 0700, and some writers (safetensors) make 0600
+    files. Call it on the temporary folder just before `replace_directory`."""
+    folder = Path(folder)
+    os.chmod(folder, folder_mode())
+    for child in folder.rglob("*"):
+        if child.is_symlink():
+            continue
+        os.chmod(child, folder_mode() if child.is_dir() else file_mode())
