@@ -22,6 +22,7 @@ Decisions (documented in data/README.md as well):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -525,16 +526,54 @@ class Sample:
     `index` is the pair index: of the train pair held out (training) or of the test pair (evaluation)."""
     task_id: str
     index: int
-    demos: tuple[tuple[np.ndarray, np.ndarray], ...]
+    demos: Sequence[tuple[np.ndarray, np.ndarray]]
     query: np.ndarray
     target: np.ndarray | None
+
+
+class LeaveOneOut(Sequence):
+    """The train pairs of a task but one, as a read-only sequence that copies nothing: a task with n pairs
+    gives n samples, and n copies of n-1 pairs would cost n**2 (a 6000-pair task took 2.6 GB)."""
+    __slots__ = ("pairs", "skip")
+
+    def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], skip: int) -> None:
+        self.pairs, self.skip = pairs, skip
+
+    def __len__(self) -> int:
+        return len(self.pairs) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("demonstration index out of range")
+        return self.pairs[i + (i >= self.skip)]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return itertools.chain(itertools.islice(self.pairs, self.skip),
+                               itertools.islice(self.pairs, self.skip + 1, None))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same pairs (grids compared by value), e.g. `()` for a one-pair task."""
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(len(p) == len(q) and all(a is b or np.array_equal(a, b) for a, b in zip(p, q))
+                   for p, q in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LeaveOneOut({len(self.pairs)} pairs, without pair {self.skip})"
 
 
 def training_samples(tasks: TaskSet | Sequence[Task]) -> list[Sample]:
     """Leave-one-out: each train pair is a query once, with the task's other train pairs as demonstrations
     (one sample per train pair: 3232 on ARC-AGI-2 training). A one-pair task gives a zero-demo sample."""
     tasks = tasks.tasks if isinstance(tasks, TaskSet) else tasks
-    return [Sample(task.task_id, k, tuple(task.train[:k] + task.train[k + 1:]), query, target)
+    return [Sample(task.task_id, k, LeaveOneOut(task.train, k), query, target)
             for task in tasks for k, (query, target) in enumerate(task.train)]
 
 
@@ -629,7 +668,7 @@ def augment_sample(sample: Sample, aug: Augmentation) -> Sample:
 # ---------------------------------------------------------------------------------------------------
 
 _MARK = {t: np.array([t], dtype=np.uint8) for t in (BOS, INPUT, OUTPUT, EOS)}
-_IDENTITY_TABLE = np.arange(VOCAB_SIZE, dtype=np.int64)
+_IDENTITY_TABLE = np.arange(VOCAB_SIZE, dtype=np.uint8)
 
 
 def grid_tokens(grid: np.ndarray) -> np.ndarray:
@@ -644,7 +683,7 @@ def grid_tokens(grid: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class EncodedSample:
     """A tokenised sample. Labels are `input_ids[target_start:]` (target grid + EOS), IGNORE elsewhere."""
-    input_ids: np.ndarray          # int64 [L]
+    input_ids: np.ndarray          # uint8 [L]: 16 symbols; 1/8 of int64's memory for an epoch (collate widens)
     target_start: int
     task_id: str
     index: int
@@ -703,7 +742,7 @@ def encode_sample(sample: Sample, max_length: int, augmentation: Augmentation | 
     if built is None:
         return None
     pieces, target_start, drop = built
-    return EncodedSample(np.concatenate(pieces).astype(np.int64), target_start, sample.task_id, sample.index,
+    return EncodedSample(np.concatenate(pieces), target_start, sample.task_id, sample.index,
                          len(demos) - drop, drop, augmentation)
 
 
@@ -751,6 +790,7 @@ def decode_grid(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray
 # Epochs and batches
 # ---------------------------------------------------------------------------------------------------
 
+MANY_DEMOS = 64  # a sample with more demonstrations is encoded by TrainingData._encode_many_demos
 GROUP_CHUNK_BATCHES = 64   # length grouping sorts within shuffled chunks of this many batches
 PACK_CHUNK_SAMPLES = 1024  # packing runs first-fit-decreasing within shuffled chunks of this many samples
 
@@ -775,6 +815,7 @@ class TrainingData:
         self.samples = list(samples)
         self.settings = settings
         self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._block_cache: dict[tuple[int, int], tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
         self._epoch: tuple[int, list[EncodedSample], list[tuple[str, int]]] | None = None
         self._plan: tuple[int, list[list[int]]] | None = None
 
@@ -794,14 +835,29 @@ class TrainingData:
             rng = _rng(self.settings.seed, epoch, 0)
             transforms = rng.integers(0, 8, size=n)
             colours = rng.permuted(np.tile(np.arange(1, 10), (n, 1)), axis=1)
-            orders = [rng.permutation(len(s.demos)) for s in self.samples]
+            orders = [rng.permutation(len(s.demos)) if len(s.demos) <= MANY_DEMOS else None
+                      for s in self.samples]
         encoded, skipped = [], []
         for k, sample in enumerate(self.samples):
+            if len(sample.demos) > MANY_DEMOS:  # a huge task: linear-cost path (see _encode_many_demos)
+                if self.settings.augment:
+                    t = int(transforms[k])
+                    aug = Augmentation(t, (0, *colours[k].tolist()))
+                    table = aug.colour_table().astype(np.uint8)
+                    order_rng = _rng(self.settings.seed, epoch, 2 + k)
+                else:
+                    t, aug, table, order_rng = 0, None, _IDENTITY_TABLE, None
+                built = self._encode_many_demos(sample, t, table, order_rng, aug)
+                if built is None:
+                    skipped.append((sample.task_id, sample.index))
+                else:
+                    encoded.append(built)
+                continue
             if self.settings.augment:
                 t = int(transforms[k])
                 aug = Augmentation(t, (0, *colours[k].tolist()), tuple(orders[k].tolist()))
                 demos = [sample.demos[i] for i in orders[k]]
-                table = aug.colour_table()
+                table = aug.colour_table().astype(np.uint8)
             else:
                 t, aug, demos, table = 0, None, sample.demos, _IDENTITY_TABLE
             built = _assemble([(self._tokens(i, t), self._tokens(o, t)) for i, o in demos],
@@ -813,6 +869,52 @@ class TrainingData:
             encoded.append(EncodedSample(table[np.concatenate(pieces)], target_start, sample.task_id,
                                          sample.index, len(demos) - drop, drop, aug))
         return encoded, skipped
+
+    def _pair_blocks(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], transform: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair of a task as a demonstration block `I input O output` under `transform`, once per task:
+        (all blocks' tokens back to back, each block's start, each block's length)."""
+        key = (id(pairs), transform)
+        hit = self._block_cache.get(key)
+        if hit is None:
+            blocks = [np.concatenate([_MARK[INPUT], grid_tokens(_dihedral(i, transform)), _MARK[OUTPUT],
+                                      grid_tokens(_dihedral(o, transform))]) for i, o in pairs]
+            lengths = np.fromiter((len(b) for b in blocks), dtype=np.int64, count=len(blocks))
+            starts = np.cumsum(lengths) - lengths
+            hit = self._block_cache[key] = (pairs, np.concatenate(blocks), starts, lengths)
+        return hit[1], hit[2], hit[3]
+
+    def _encode_many_demos(self, sample: Sample, t: int, table: np.ndarray, rng: np.random.Generator | None,
+                           aug: Augmentation | None) -> EncodedSample | None:
+        """Encode a sample with more than MANY_DEMOS demonstrations in time and memory linear in what is
+        kept: only the demonstrations nearest the query that fit max_length are ever drawn and tokenised.
+        With augmentation they are a uniform random ordered draw without replacement (the same law as
+        shuffling all and dropping from the front); without, the last ones in task order. Such a sample's
+        `augmentation.demo_order` is None (the full order is never drawn)."""
+        demos = sample.demos
+        pairs, skip = (demos.pairs, demos.skip) if isinstance(demos, LeaveOneOut) else (demos, len(demos))
+        flat, starts, lengths = self._pair_blocks(pairs, t)
+        query, target = grid_tokens(_dihedral(sample.query, t)), grid_tokens(_dihedral(sample.target, t))
+        budget = self.settings.max_length - (len(query) + len(target) + 4)  # BOS I query O target EOS
+        n = len(demos)
+        shortest = int(lengths.min())
+        most = min(n, max(0, budget) // shortest)  # no more than this many can fit
+        if rng is not None:
+            positions = rng.choice(n, size=most, replace=False)    # nearest the query first
+        else:
+            positions = np.arange(n - 1, n - 1 - most, -1, dtype=np.int64)
+        chosen = positions + (positions >= skip)                     # demonstration -> pair index
+        kept = int(np.searchsorted(np.cumsum(lengths[chosen]), budget, side="right"))
+        if kept == 0:
+            return None
+        chosen = chosen[:kept][::-1]                                  # sequence order: farthest first
+        sizes = lengths[chosen]
+        offsets = np.cumsum(sizes) - sizes
+        gather = np.repeat(starts[chosen] - offsets, sizes) + np.arange(int(sizes.sum()))
+        pieces = [_MARK[BOS], flat[gather], _MARK[INPUT], query, _MARK[OUTPUT]]
+        target_start = sum(len(p) for p in pieces)
+        ids = table[np.concatenate(pieces + [target, _MARK[EOS]])]
+        return EncodedSample(ids, target_start, sample.task_id, sample.index, kept, n - kept, aug)
 
     def encoded(self, epoch: int) -> list[EncodedSample]:
         """This epoch's encoded samples in sample order (those too long to fit left out; see `skipped`)."""
@@ -931,7 +1033,7 @@ def collate_packed(items: list[EncodedSample], tokens_per_batch: int) -> Batch:
     total = int(lengths.sum())
     if total > tokens_per_batch:
         raise ValueError(f"packed row of {total} tokens exceeds tokens_per_batch={tokens_per_batch}")
-    input_ids = np.concatenate([e.input_ids for e in items])[None, :]
+    input_ids = np.concatenate([e.input_ids for e in items]).astype(np.int64)[None, :]
     labels = np.concatenate([e.labels() for e in items])[None, :]
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     position_ids = (np.arange(total, dtype=np.int64) - starts)[None, :]

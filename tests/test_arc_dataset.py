@@ -231,7 +231,7 @@ def test_encode_layout_labels_and_decode(arc2_samples: list[ad.Sample]) -> None:
     sample = next(s for s in arc2_samples if len(s.demos) == 2)
     encoded = ad.encode_sample(sample, 8192)
     ids = encoded.input_ids
-    assert ids.dtype == np.int64 and ids[0] == ad.BOS and ids[-1] == ad.EOS
+    assert ids.dtype == np.uint8 and ids[0] == ad.BOS and ids[-1] == ad.EOS
     assert (ids == ad.INPUT).sum() == 3 and (ids == ad.OUTPUT).sum() == 3
     assert ids[encoded.target_start - 1] == ad.OUTPUT
     h, w = sample.target.shape
