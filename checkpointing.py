@@ -130,7 +130,11 @@ def load_checkpoint(path: Path, loop_types: Mapping[str, Any] | None = None,
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses pickled code; a truncated file fails in many ways
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in str(err):
+            reason = ("it holds pickled objects other than tensors and plain values, which are never loaded "
+                      "(weights_only)")
+        else:
+            reason = _first_line(err)
         raise UserError(f"checkpoint {state_file} cannot be read ({reason}); resume from an older one in "
                         f"{path.parent}") from None
     validate_checkpoint(path, state, meta, loop_types, optimizer, parameters)
@@ -349,8 +353,9 @@ def check_rng_state(saved: Any, where: str) -> None:
     python, numpy_state, torch_state = saved["python"], saved["numpy"], saved["torch"]
     try:
         version, internal, gauss = python
-        if not (type(version) is int and isinstance(internal, (list, tuple))
-                and all(type(v) is int for v in internal) and (gauss is None or type(gauss) is float)):
+        if not (type(version) is int and isinstance(internal, (list, tuple)) and len(internal) == 625
+                and all(type(v) is int and 0 <= v < 2**32 for v in internal) and internal[-1] <= 624
+                and (gauss is None or type(gauss) is float)):
             raise TypeError
         random.Random().setstate((version, tuple(internal), gauss))
     except (TypeError, ValueError, OverflowError):
