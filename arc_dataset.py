@@ -381,6 +381,11 @@ class _ObjectWithDuplicates(dict):
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict:
+    """json's hook for each object: grids of a pair become uint8 arrays as soon as they are parsed (their
+    Python lists, 8 bytes a cell plus a list per row, are the bulk of a big file's memory), and repeated
+    keys are recorded."""
+    if len(pairs) <= 3:
+        pairs = [(key, _compact_grid(value) if key in ("input", "output") else value) for key, value in pairs]
     result = dict(pairs)
     if len(result) == len(pairs):
         return result
@@ -389,6 +394,22 @@ def _object(pairs: list[tuple[str, Any]]) -> dict:
     result = _ObjectWithDuplicates(result)
     result.duplicates = repeated
     return result
+
+
+def _compact_grid(value: Any) -> Any:
+    """A valid grid as a read-only uint8 array; anything else unchanged, for `_to_grid` to report exactly."""
+    if not (isinstance(value, list) and value and isinstance(value[0], list)
+            and len(value) <= MAX_GRID_SIDE and 0 < len(value[0]) <= MAX_GRID_SIDE):
+        return value
+    try:
+        array = np.array(value)
+    except (ValueError, TypeError, OverflowError):
+        return value
+    if array.ndim != 2 or array.dtype.kind not in "iu" or array.min() < 0 or array.max() > 9:
+        return value
+    grid = array.astype(np.uint8)
+    grid.setflags(write=False)
+    return grid
 
 
 def _parse_task(task_id: str, raw: Any, file: str, answers: Any, solutions_path: Path | None) -> Task:
