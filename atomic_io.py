@@ -203,3 +203,21 @@ def give_normal_permissions(folder: str | os.PathLike) -> None:
         if child.is_symlink():
             continue
         os.chmod(child, folder_mode() if child.is_dir() else file_mode())
+
+
+def check_writable(path: str | os.PathLike, what: str, flag: str | None = None) -> None:
+    """Refuse, before any long work, a result path that cannot be written: a folder, a path under a file,
+    a read-only or full folder. Tries a real temporary file beside the target (removed at once), so it
+    holds even for root, for whom mode bits do not stop writes. `flag` (e.g. "--json") starts the line."""
+    target = Path(path)
+    name = f"{flag} {target}" if flag else str(target)
+    if target.is_dir():
+        raise UserError(f"{name}: is a folder; give a file path for {what}")
+    with disk_errors(what, target.parent, hint=f"give {flag or 'a path'} in a writable folder"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)

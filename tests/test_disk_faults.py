@@ -232,3 +232,38 @@ def test_written_files_and_folders_get_normal_modes(umask: int, tmp_path: Path) 
         assert mode(path) == 0o666 & ~umask, path
     for path in (checkpoint, model):
         assert mode(path) == 0o777 & ~umask, path
+
+
+# ---- a result path checked before the minutes of work -------------------------------------------------
+
+def _result_path(tmp: Path, kind: str) -> Path:
+    if kind == "folder":
+        return tmp
+    if kind == "under_a_file":
+        (tmp / "file").write_text("x")
+        return tmp / "file" / "result.json"
+    if kind == "new_subfolder":
+        return tmp / "new" / "result.json"
+    return tmp / "result.json"
+
+
+@pytest.mark.parametrize("kind, ok", [("folder", False), ("under_a_file", False), ("new_subfolder", True),
+                                      ("plain", True)])
+def test_result_path_checked_before_work(kind: str, ok: bool, tmp_path: Path) -> None:
+    path = _result_path(tmp_path, kind)
+    if ok:
+        atomic_io.check_writable(path, "the benchmark result", "--json")
+        assert not path.exists() and not [p for p in path.parent.iterdir() if p.name.endswith(".probe")]
+    else:
+        with pytest.raises(UserError) as raised:
+            atomic_io.check_writable(path, "the benchmark result", "--json")
+        assert_one_line(str(raised.value), "the benchmark result")
+
+
+def test_result_path_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(atomic_io.os, "write", lambda fd, data: (_ for _ in ()).throw(os_error(errno.ENOSPC)))
+    with pytest.raises(UserError) as raised:
+        atomic_io.check_writable(tmp_path / "r.json", "the benchmark result", "--json")
+    monkeypatch.undo()
+    assert_one_line(str(raised.value), "could not write the benchmark result", "no space left on device")
+    assert list(tmp_path.iterdir()) == []
