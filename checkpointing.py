@@ -146,7 +146,7 @@ def load_checkpoint(path: Path, loop_types: Mapping[str, Any] | None = None,
 META_TYPES: dict[str, Any] = {
     "format": int, "step": int, "epoch": int, "batch": int, "epochs": int, "world_size": int,
     "reason": str, "saved_at": str, "precision": str, "args": dict, "model_config": dict, "device": dict,
-    "vocabulary": list[str], "last_eval": dict | None,
+    "vocabulary": list[str], "last_eval": dict | None, "run_id": str | None,
 }
 META_REQUIRED = ("step", "epoch", "batch", "args")
 _AT_LEAST = {"step": 0, "epoch": 0, "batch": 0, "epochs": 0, "world_size": 1}
@@ -158,7 +158,7 @@ def read_meta(path: Path, required: Sequence[str] = META_REQUIRED) -> dict[str, 
     meta_file = Path(path) / META_FILE
     try:
         raw = meta_file.read_bytes()
-        meta = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        meta = json.loads(raw.decode("utf-8"))  # NaN is allowed (a loss may be); typed fields are checked below
     except (OSError, ValueError, RecursionError) as err:
         reason = getattr(err, "strerror", None) or _first_line(err)
         raise UserError(f"checkpoint {meta_file} cannot be read ({reason}); resume from an older one "
@@ -462,10 +462,6 @@ def _show(value: Any) -> str:
 
 def _is_number(value: Any) -> bool:
     return type(value) in (int, float) or (isinstance(value, torch.Tensor) and value.numel() == 1)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def _first_line(err: BaseException) -> str:

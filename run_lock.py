@@ -11,13 +11,19 @@ once cut B's metrics.jsonl from 202 lines to 12 and replaced its model). Each ru
 (`new_run_id`), written to `<dir>/run.json` and carried in every checkpoint's meta.json (`run_id`);
 `check_same_run` refuses a folder whose run.json names another run.
 
-How the trainer uses it (rank 0 only; the lock must stay referenced until the run ends):
+How the trainer uses it (rank 0 only; keep the lock referenced until the run ends):
 
-    self.lock = run_lock.lock_output_dir(self.output_dir)                 # _setup_output, after mkdir
-    run_id = meta.get("run_id") if resuming else run_lock.new_run_id()
-    run_lock.check_same_run(self.output_dir, run_id, resuming)            # before metrics are touched
-    run_lock.write_run_identity(self.output_dir, run_id)
-    meta["run_id"] = run_id                                               # _save_now
+    # _setup_output, right after mkdir and BEFORE remove_stale_temporaries (which would otherwise delete a
+    # running trainer's half-written checkpoint):
+    self.lock = run_lock.lock_output_dir(self.output_dir)
+    run_id = checkpointing.read_meta(resume_from).get("run_id") if resuming else run_lock.new_run_id()
+    run_lock.check_same_run(self.output_dir, run_id, resuming)   # before metrics.jsonl is emptied or restored
+    self.run_id = run_id or run_lock.new_run_id()                 # a checkpoint from before run ids gets one
+    run_lock.write_run_identity(self.output_dir, self.run_id)
+    # _save_now: meta["run_id"] = self.run_id
+
+On a file system without flock support the lock is skipped (`OutputLock.note` says so, for the banner)
+rather than refusing the run.
 """
 from __future__ import annotations
 
@@ -36,9 +42,7 @@ from errors import UserError, printable
 
 LOCK_FILE = ".lock"
 RUN_FILE = "run.json"
-# What a folder holding a finished or started run has in it; a folder with none of these is empty enough
-# to take over without a run.json (e.g. a folder the user made).
-RUN_MARKERS = ("metrics.jsonl", "checkpoints", "model")
+MODEL_DIR, CHECKPOINT_GLOB = "model", "checkpoints/step-*"
 
 
 @dataclass
@@ -46,6 +50,7 @@ class OutputLock:
     """An exclusive lock on an output folder, held until `release` or the process ends."""
     path: Path
     fd: int | None
+    note: str | None = None  # set when the file system could not lock: the run goes on unprotected
 
     def release(self) -> None:
         if self.fd is not None:
@@ -73,10 +78,10 @@ def lock_output_dir(folder: str | os.PathLike) -> OutputLock:
         os.close(fd)
         raise UserError(f"--output-dir {printable(folder)} is in use by another run ({holder}); wait for it to "
                         f"end or choose another --output-dir") from None
-    except OSError as err:  # a file system without flock (some network mounts)
+    except OSError as err:  # a file system without flock (some network mounts): go on, and say so
         os.close(fd)
-        raise UserError(f"--output-dir {printable(folder)}: cannot lock {LOCK_FILE} ({err.strerror}); choose an "
-                        f"--output-dir on a local disk") from None
+        return OutputLock(path, None, f"{printable(folder)} cannot be locked ({err.strerror}): nothing stops a "
+                                      f"second run from writing there")
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
     try:
@@ -118,14 +123,15 @@ def read_run_id(folder: str | os.PathLike) -> str | None:
 
 
 def holds_a_run(folder: str | os.PathLike) -> bool:
-    """Whether `folder` already holds (part of) a run: a run.json, metrics, checkpoints or a model."""
+    """Whether `folder` holds a run worth protecting: a checkpoint or a final model. A run killed before its
+    first checkpoint leaves only metrics lines that no resume can continue; a new run may take that over."""
     folder = Path(folder)
-    return any((folder / name).exists() for name in (RUN_FILE, *RUN_MARKERS))
+    return (folder / MODEL_DIR).exists() or next(iter(folder.glob(CHECKPOINT_GLOB)), None) is not None
 
 
 def is_same_run(folder: str | os.PathLike, run_id: str | None) -> bool:
-    """True when writing run `run_id` into `folder` cannot destroy another run: the folder holds no run,
-    or its run.json names `run_id`. A folder with a run but no run.json (written before run ids) is the
+    """True when writing run `run_id` into `folder` cannot destroy another run: the folder holds no run
+    (`holds_a_run`), or its run.json names `run_id`. A folder with a run but no run.json (written before run ids) is the
     same run only when `run_id` is None too (a checkpoint from before run ids, resumed in place)."""
     folder = Path(folder)
     if not holds_a_run(folder):

@@ -65,22 +65,30 @@ def test_lock_in_a_folder_that_cannot_be_made(tmp_path: Path) -> None:
 def make_run(folder: Path, run_id: str | None, files: tuple[str, ...] = ("metrics.jsonl",)) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in files:
-        (folder / name).write_text("{}\n")
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            path.mkdir()
+        else:
+            path.write_text("{}\n")
     if run_id is not None:
         run_lock.write_run_identity(folder, run_id)
     return folder
 
 
-SAME_RUN = {  # (what the folder holds, the run id of the writer, resuming) -> allowed
+CHECKPOINT = "checkpoints/step-00000010/"
+SAME_RUN = {  # what the folder holds (its run id, files), the writer's run id, resuming -> allowed
     "empty_folder_new_run": (None, (), "new", False, True),
     "missing_folder_new_run": ("missing", (), "new", False, True),
-    "same_id_resumes": ("A", ("metrics.jsonl", "checkpoints"), "A", True, True),
-    "other_id_refused_on_resume": ("B", ("metrics.jsonl", "model"), "A", True, False),
-    "other_id_refused_for_new_run": ("B", ("metrics.jsonl",), "new", False, False),
-    "old_run_without_id_refused": (None, ("metrics.jsonl",), "A", True, False),
-    "old_checkpoint_into_its_old_folder": (None, ("metrics.jsonl", "checkpoints"), None, True, True),
-    "only_a_model_refused": (None, ("model",), "A", False, False),
-    "garbage_run_json_refused": ("garbage", ("metrics.jsonl",), "A", True, False),
+    "same_id_resumes": ("A", ("metrics.jsonl", CHECKPOINT), "A", True, True),
+    "other_id_refused_on_resume": ("B", ("metrics.jsonl", "model/"), "A", True, False),
+    "other_id_checkpoint_refused_for_new_run": ("B", ("metrics.jsonl", CHECKPOINT), "new", False, False),
+    "old_run_without_id_refused": (None, ("metrics.jsonl", CHECKPOINT), "A", True, False),
+    "old_checkpoint_into_its_old_folder": (None, ("metrics.jsonl", CHECKPOINT), None, True, True),
+    "only_a_model_refused": (None, ("model/",), "A", False, False),
+    "garbage_run_json_refused": ("garbage", ("model/",), "A", True, False),
+    "killed_before_first_checkpoint_taken_over": ("B", ("metrics.jsonl", "checkpoints/"), "new", False, True),
+    "temporary_checkpoint_only_taken_over": ("B", ("checkpoints/.tmp-step-00000004-9/",), "new", False, True),
     "user_files_only": (None, ("notes.txt",), "A", False, True),
 }
 
@@ -111,3 +119,12 @@ def test_run_identity_round_trip(tmp_path: Path) -> None:
     run_lock.write_run_identity(tmp_path, run_id)
     assert run_lock.read_run_id(tmp_path) == run_id
     assert json.loads((tmp_path / run_lock.RUN_FILE).read_text()) == {"run_id": run_id}
+
+
+def test_file_system_without_flock_goes_on_with_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    lock = run_lock.lock_output_dir(tmp_path)
+    assert lock.fd is None and "cannot be locked" in lock.note
