@@ -21,6 +21,10 @@ Decisions (documented in data/README.md as well):
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports (torch: 1-2 s): Ctrl-C then ends with one line, not a traceback
+    from errors import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
 import itertools
 import json
