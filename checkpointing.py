@@ -7,7 +7,15 @@ A checkpoint is a folder `<run>/checkpoints/step-<N>/` holding
   * `meta.json`  - what a person (or `--resume`) needs without torch: step, epoch, position in the epoch,
                    why it was written, the run's arguments, model config and vocabulary.
 Both files are written into a temporary sibling folder that is renamed into place with `os.replace`, so a
-crash, a full disk or a Ctrl-C mid-write never leaves half a checkpoint under a `step-*` name.
+crash, a full disk or a Ctrl-C mid-write never leaves half a checkpoint under a `step-*` name; a write the
+disk refuses is one line (atomic_io.disk_errors) and leaves the previous checkpoints as they were.
+
+A checkpoint is untrusted input (it may come from anyone, or be cut short). Before anything uses it,
+`read_meta` checks meta.json (an object of the known format, each known field of its type) and
+`load_checkpoint` checks state.pt's layout (`validate_checkpoint`: required parts, optimizer groups against
+this run's optimizer, scheduler, TrainStep counters, the loop fields the trainer passes, RNG states tried on
+throwaway generators); `validate_saved_args` checks the saved run arguments against the trainer's parser.
+Each problem is one UserError line naming the file and the field.
 """
 from __future__ import annotations
 
@@ -37,6 +45,17 @@ FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 # atomic_io.RETIRED_PREFIX (".tmp-old-") starts with it, so a half-removed old checkpoint is swept too.
+
+# meta.json fields and their JSON types (int means an integer, not a boolean); `read_meta` checks those
+# present and requires META_REQUIRED.
+META_TYPES: dict[str, Any] = {
+    "format": int, "step": int, "epoch": int, "batch": int, "epochs": int, "world_size": int,
+    "reason": str, "saved_at": str, "precision": str, "args": dict, "model_config": dict, "device": dict,
+    "vocabulary": list[str], "last_eval": dict | None, "run_id": str | None,
+}
+META_REQUIRED = ("step", "epoch", "batch", "args")
+_AT_LEAST = {"step": 0, "epoch": 0, "batch": 0, "epochs": 0, "world_size": 1}
+STATE_REQUIRED = ("model", "optimizer", "scheduler", "train_step", "rng", "loop")
 
 
 def checkpoint_name(step: int) -> str:
@@ -139,17 +158,6 @@ def load_checkpoint(path: Path, loop_types: Mapping[str, Any] | None = None,
                         f"{path.parent}") from None
     validate_checkpoint(path, state, meta, loop_types, optimizer, parameters)
     return state, meta
-
-
-# meta.json fields and their JSON types (int means an integer, not a boolean); `read_meta` checks those
-# present and requires META_REQUIRED.
-META_TYPES: dict[str, Any] = {
-    "format": int, "step": int, "epoch": int, "batch": int, "epochs": int, "world_size": int,
-    "reason": str, "saved_at": str, "precision": str, "args": dict, "model_config": dict, "device": dict,
-    "vocabulary": list[str], "last_eval": dict | None, "run_id": str | None,
-}
-META_REQUIRED = ("step", "epoch", "batch", "args")
-_AT_LEAST = {"step": 0, "epoch": 0, "batch": 0, "epochs": 0, "world_size": 1}
 
 
 def read_meta(path: Path, required: Sequence[str] = META_REQUIRED) -> dict[str, Any]:
@@ -263,9 +271,6 @@ def validate_checkpoint(path: Path, state: Any, meta: dict[str, Any], loop_types
                 if g is not None and g.shape != p.shape:
                     raise UserError(f"{where}: field 'grads[{k}]' has shape {tuple(g.shape)}, the parameter "
                                     f"{tuple(p.shape)}")
-
-
-STATE_REQUIRED = ("model", "optimizer", "scheduler", "train_step", "rng", "loop")
 
 
 def _check_optimizer(saved: Any, where: str, optimizer: torch.optim.Optimizer | None) -> None:
