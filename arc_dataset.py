@@ -21,7 +21,12 @@ Decisions (documented in data/README.md as well):
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports (torch: 1-2 s): Ctrl-C then ends with one line, not a traceback
+    from errors import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -34,7 +39,7 @@ import numpy as np
 import torch
 
 from cli_common import add_data_source_args
-from errors import UserError, run_cli
+from errors import UserError, printable, run_cli
 
 # ---- Vocabulary: one token per cell, ids 0-9 are the colours themselves. ----
 ROW_END = 10   # end of a grid row ("\n")
@@ -137,6 +142,7 @@ class TaskSet:
     tasks: list[Task]
     description: str
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # problems that did not cost a task (duplicates, ...)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -222,20 +228,24 @@ def _load_path(path: Path, solutions: str | None, strict: bool) -> TaskSet:
         beside = path.with_name(path.name[: -len("_challenges.json")] + "_solutions.json")
         solutions_path = beside if beside.is_file() else None
     content = _read_json(path)
-    if isinstance(content, dict) and "train" in content:  # a single task file
+    if _is_single_task(content):  # a single task file
         content = {path.stem: content}
     if not isinstance(content, dict):
         raise DataError(f"{path}: expected a JSON object mapping task ids to tasks, got {_kind(content)}")
     if not content:
         raise DataError(f"{path}: holds no tasks (an empty JSON object)")
+    warnings = _duplicate_warnings(content, path, strict)
     solved = None
     if solutions_path is not None:
         solved = _read_json(solutions_path)
         if not isinstance(solved, dict):
             raise DataError(f"{solutions_path}: expected a JSON object mapping task ids to lists of output "
                             f"grids, got {_kind(solved)}")
+        warnings += _duplicate_warnings(solved, solutions_path, strict)
+        warnings += _solution_warnings(content, solved, solutions_path)
     tasks, skipped = [], []
-    for task_id, raw in content.items():
+    for task_id in list(content):
+        raw = content.pop(task_id)  # free each task's JSON lists once its grids are arrays (peak memory)
         try:
             answers = None if solved is None else solved.get(task_id)
             tasks.append(_parse_task(str(task_id), raw, str(path), answers, solutions_path))
@@ -245,33 +255,97 @@ def _load_path(path: Path, solutions: str | None, strict: bool) -> TaskSet:
             skipped.append(str(err))
     if not tasks:
         raise DataError(f"{path}: no valid task ({len(skipped)} invalid; first: {skipped[0]})")
-    description = f"{path}: {len(tasks)} tasks"
+    description = f"{printable(path)}: {len(tasks)} tasks"
     if solutions_path is not None:
-        description += f" (test outputs from {solutions_path})"
+        description += f" (test outputs from {printable(solutions_path)})"
     elif path.name.endswith("_challenges.json"):
         description += " (no *_solutions.json found: test outputs unknown)"
-    return TaskSet(tasks, description, skipped)
+    return TaskSet(tasks, description, skipped, warnings)
+
+
+def _is_single_task(content: Any) -> bool:
+    """A single task `{"train": [...], "test": [...]}`, not a tasks file that has a task named "train"."""
+    return isinstance(content, dict) and isinstance(content.get("train"), list)
+
+
+def _looks_like_tasks_file(content: Any) -> bool:
+    return (isinstance(content, dict) and bool(content) and not _is_single_task(content)
+            and all(isinstance(v, dict) and "train" in v for v in content.values()))
+
+
+def _duplicate_warnings(content: Any, path: Path, strict: bool) -> list[str]:
+    """One line when the JSON object repeated task ids (json keeps the last of each); an error if strict."""
+    repeated = getattr(content, "duplicates", None)
+    if not repeated:
+        return []
+    ids = sorted(set(repeated))
+    line = (f"{path}: {len(repeated)} duplicate task id{'s' if len(repeated) != 1 else ''} "
+            f"({len(ids)} distinct, e.g. {_clean(ids[0])}); the last of each is kept")
+    if strict:
+        raise DataError(line.replace("; the last of each is kept", "; task ids must be unique (--strict)"))
+    return [line]
+
+
+def _solution_warnings(content: dict, solved: dict, solutions_path: Path) -> list[str]:
+    """Counts of the tasks a Kaggle solutions file does not answer, answers that match no task, and nulls."""
+    missing = [k for k in content if k not in solved]
+    extra = [k for k in solved if k not in content]
+    null = [k for k, v in solved.items() if v is None and k in content]
+    lines = []
+    for ids, what in ((missing, "tasks have no solutions there (their test outputs are unknown)"),
+                      (extra, "solutions are for task ids not in the challenges file (ignored)"),
+                      (null, "solutions are null (test outputs unknown)")):
+        if ids:
+            lines.append(f"{solutions_path}: {len(ids)} {what}, e.g. {_clean(ids[0])}")
+    return lines
 
 
 def _load_folder(folder: Path, strict: bool) -> TaskSet:
     files = sorted(p for p in folder.glob("*.json") if p.is_file())
     if not files:
         raise DataError(f"{folder}: no .json files (a folder must hold one <task_id>.json per task)")
-    tasks, skipped = [], []
+    found: dict[str, Task] = {}
+    skipped, warnings, repeated = [], [], []
     for file in files:
         try:
             try:
                 raw = _read_json(file)
             except DataError as err:  # an unreadable file in a folder is one bad task
                 raise _TaskError(f"{err} (task {_clean(file.stem)})") from None
-            tasks.append(_parse_task(file.stem, raw, str(file), None, None))
+            if file.name.endswith(("_challenges.json", "_solutions.json")):
+                raise _TaskError(f"{file}: a Kaggle file, not one task; give it as --data {file} (the "
+                                 f"*_solutions.json beside a *_challenges.json is found by itself)")
+            if _looks_like_tasks_file(raw):  # a tasks file {task_id: task} inside the folder: its tasks
+                warnings += _duplicate_warnings(raw, file, strict)
+                parsed = []
+                for task_id, task_raw in raw.items():
+                    try:
+                        parsed.append(_parse_task(str(task_id), task_raw, str(file), None, None))
+                    except _TaskError as err:
+                        if strict:
+                            raise
+                        skipped.append(str(err))
+            else:
+                parsed = [_parse_task(file.stem, raw, str(file), None, None)]
         except _TaskError as err:
             if strict:
                 raise
             skipped.append(str(err))
+            continue
+        for task in parsed:
+            if task.task_id in found:
+                repeated.append(task.task_id)
+            found[task.task_id] = task
+    if repeated:
+        line = (f"{folder}: {len(repeated)} task id{'s' if len(repeated) != 1 else ''} appear in more than one "
+                f"file (e.g. {_clean(repeated[0])}); the last file's task is kept")
+        if strict:
+            raise DataError(line.replace("; the last file's task is kept", "; task ids must be unique (--strict)"))
+        warnings.append(line)
+    tasks = list(found.values())
     if not tasks:
         raise DataError(f"{folder}: no valid task in {len(files)} files (first problem: {skipped[0]})")
-    return TaskSet(tasks, f"{folder}/: {len(tasks)} tasks", skipped)
+    return TaskSet(tasks, f"{printable(folder)}/: {len(tasks)} tasks", skipped, warnings)
 
 
 def _read_json(path: Path) -> Any:
@@ -293,8 +367,9 @@ def _read_json(path: Path) -> Any:
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not a JSON text file (byte {err.start} is not UTF-8); "
                         "is it binary or compressed?") from None
+    del raw  # the bytes are not needed while the text is parsed (a 200 MB file: 200 MB less at the peak)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_object)
     except RecursionError:
         raise DataError(f"{path}: JSON nested far too deeply to be ARC data") from None
     except json.JSONDecodeError as err:
@@ -304,11 +379,52 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON: {_first_line(str(err))}") from None
 
 
+class _ObjectWithDuplicates(dict):
+    """A JSON object whose text repeated keys (json keeps the last value); `duplicates` lists them."""
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    """json's hook for each object: grids of a pair become uint8 arrays as soon as they are parsed (their
+    Python lists, 8 bytes a cell plus a list per row, are the bulk of a big file's memory), and repeated
+    keys are recorded."""
+    if len(pairs) <= 3:
+        pairs = [(key, _compact_grid(value) if key in ("input", "output") else value) for key, value in pairs]
+    result = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    seen: set[str] = set()
+    repeated = [k for k, _ in pairs if k in seen or seen.add(k)]
+    result = _ObjectWithDuplicates(result)
+    result.duplicates = repeated
+    return result
+
+
+def _compact_grid(value: Any) -> Any:
+    """A valid grid as a read-only uint8 array; anything else unchanged, for `_to_grid` to report exactly."""
+    if not (isinstance(value, list) and value and isinstance(value[0], list)
+            and len(value) <= MAX_GRID_SIDE and 0 < len(value[0]) <= MAX_GRID_SIDE):
+        return value
+    try:
+        array = np.array(value)
+    except (ValueError, TypeError, OverflowError):
+        return value
+    if array.ndim != 2 or array.dtype.kind not in "iu" or array.min() < 0 or array.max() > 9:
+        return value
+    grid = array.astype(np.uint8)
+    grid.setflags(write=False)
+    return grid
+
+
 def _parse_task(task_id: str, raw: Any, file: str, answers: Any, solutions_path: Path | None) -> Task:
     where = f"{file}: task {_clean(task_id)}"
     if not isinstance(raw, dict):
         raise _TaskError(f"{where}: expected an object with 'train' and 'test' lists, got {_kind(raw)}")
     train_raw, test_raw = raw.get("train"), raw.get("test", [])
+    if "train" not in raw:
+        looks = (" (it looks like a tasks file {task_id: task}: give it as --data itself)"
+                 if _looks_like_tasks_file(raw) else "")
+        raise _TaskError(f"{where}: no 'train' list of {{\"input\", \"output\"}} pairs{looks}")
     if not isinstance(train_raw, list):
         raise _TaskError(f"{where}: 'train' must be a list of {{\"input\", \"output\"}} pairs, got {_kind(train_raw)}")
     if not train_raw:
@@ -364,9 +480,14 @@ def _to_grid(value: Any, where: str) -> np.ndarray:
         if array.ndim != 2:
             array = np.array([[None]], dtype=object)
         if array.dtype.kind not in "iu":
-            bad = next((c for row in value for c in row
-                        if isinstance(c, bool) or not isinstance(c, int)), None)
-            raise _TaskError(f"{where}: cells must be integers 0-9, found {_short(bad)}")
+            for r, row in enumerate(value):
+                for c, cell in enumerate(row):
+                    if isinstance(cell, bool) or not isinstance(cell, int):
+                        raise _TaskError(f"{where}: cells must be integers 0-9, found {_short(cell)} "
+                                         f"(row {r}, column {c})")
+                    if not 0 <= cell <= 9:
+                        raise _TaskError(f"{where}: cell (row {r}, column {c}) is {_short(cell)}; colours are 0-9")
+            raise _TaskError(f"{where}: cells must be integers 0-9")
     _check_shape(array.shape[0], array.shape[1], where)
     if array.dtype.kind not in "iu":
         raise _TaskError(f"{where}: cells must be integers 0-9, got dtype {array.dtype}")
@@ -386,8 +507,10 @@ def _check_shape(height: int, width: int, where: str) -> None:
 
 
 def _warn_skipped(taskset: TaskSet) -> None:
+    for line in taskset.warnings:
+        print(f"warning: {printable(line)}", file=sys.stderr)
     for line in taskset.skipped[:MAX_WARNINGS_SHOWN]:
-        print(f"warning: skipped {line}", file=sys.stderr)
+        print(f"warning: skipped {printable(line)}", file=sys.stderr)
     if len(taskset.skipped) > MAX_WARNINGS_SHOWN:
         print(f"warning: ... and {len(taskset.skipped) - MAX_WARNINGS_SHOWN} more invalid tasks skipped",
               file=sys.stderr)
@@ -403,13 +526,17 @@ def _kind(value: Any) -> str:
 
 
 def _clean(text: str) -> str:
-    """A task id or value safe to put in a one-line message."""
+    """A task id or value safe to put in a one-line message: control characters escaped, cut at 64."""
     text = str(text)
-    return text if text.isprintable() and len(text) <= 64 else repr(text[:64])
+    return printable(text) if len(text) <= 64 else printable(text[:61]) + "..."
 
 
 def _short(value: Any) -> str:
-    return _kind(value) if isinstance(value, (list, dict)) else _clean(repr(value))
+    if isinstance(value, (list, dict)):
+        return _kind(value)
+    if type(value) is int and abs(value) >= 10**60:
+        return f"{'minus ' if value < 0 else ''}a {len(str(abs(value)))}-digit number"
+    return _clean(repr(value))
 
 
 def _first_line(text: str) -> str:
@@ -426,16 +553,54 @@ class Sample:
     `index` is the pair index: of the train pair held out (training) or of the test pair (evaluation)."""
     task_id: str
     index: int
-    demos: tuple[tuple[np.ndarray, np.ndarray], ...]
+    demos: Sequence[tuple[np.ndarray, np.ndarray]]
     query: np.ndarray
     target: np.ndarray | None
+
+
+class LeaveOneOut(Sequence):
+    """The train pairs of a task but one, as a read-only sequence that copies nothing: a task with n pairs
+    gives n samples, and n copies of n-1 pairs would cost n**2 (a 6000-pair task took 2.6 GB)."""
+    __slots__ = ("pairs", "skip")
+
+    def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], skip: int) -> None:
+        self.pairs, self.skip = pairs, skip
+
+    def __len__(self) -> int:
+        return len(self.pairs) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("demonstration index out of range")
+        return self.pairs[i + (i >= self.skip)]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return itertools.chain(itertools.islice(self.pairs, self.skip),
+                               itertools.islice(self.pairs, self.skip + 1, None))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same pairs (grids compared by value), e.g. `()` for a one-pair task."""
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(len(p) == len(q) and all(a is b or np.array_equal(a, b) for a, b in zip(p, q))
+                   for p, q in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LeaveOneOut({len(self.pairs)} pairs, without pair {self.skip})"
 
 
 def training_samples(tasks: TaskSet | Sequence[Task]) -> list[Sample]:
     """Leave-one-out: each train pair is a query once, with the task's other train pairs as demonstrations
     (one sample per train pair: 3232 on ARC-AGI-2 training). A one-pair task gives a zero-demo sample."""
     tasks = tasks.tasks if isinstance(tasks, TaskSet) else tasks
-    return [Sample(task.task_id, k, tuple(task.train[:k] + task.train[k + 1:]), query, target)
+    return [Sample(task.task_id, k, LeaveOneOut(task.train, k), query, target)
             for task in tasks for k, (query, target) in enumerate(task.train)]
 
 
@@ -530,7 +695,7 @@ def augment_sample(sample: Sample, aug: Augmentation) -> Sample:
 # ---------------------------------------------------------------------------------------------------
 
 _MARK = {t: np.array([t], dtype=np.uint8) for t in (BOS, INPUT, OUTPUT, EOS)}
-_IDENTITY_TABLE = np.arange(VOCAB_SIZE, dtype=np.int64)
+_IDENTITY_TABLE = np.arange(VOCAB_SIZE, dtype=np.uint8)
 
 
 def grid_tokens(grid: np.ndarray) -> np.ndarray:
@@ -545,7 +710,7 @@ def grid_tokens(grid: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class EncodedSample:
     """A tokenised sample. Labels are `input_ids[target_start:]` (target grid + EOS), IGNORE elsewhere."""
-    input_ids: np.ndarray          # int64 [L]
+    input_ids: np.ndarray          # uint8 [L]: 16 symbols; 1/8 of int64's memory for an epoch (collate widens)
     target_start: int
     task_id: str
     index: int
@@ -604,7 +769,7 @@ def encode_sample(sample: Sample, max_length: int, augmentation: Augmentation | 
     if built is None:
         return None
     pieces, target_start, drop = built
-    return EncodedSample(np.concatenate(pieces).astype(np.int64), target_start, sample.task_id, sample.index,
+    return EncodedSample(np.concatenate(pieces), target_start, sample.task_id, sample.index,
                          len(demos) - drop, drop, augmentation)
 
 
@@ -652,6 +817,7 @@ def decode_grid(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray
 # Epochs and batches
 # ---------------------------------------------------------------------------------------------------
 
+MANY_DEMOS = 64  # a sample with more demonstrations is encoded by TrainingData._encode_many_demos
 GROUP_CHUNK_BATCHES = 64   # length grouping sorts within shuffled chunks of this many batches
 PACK_CHUNK_SAMPLES = 1024  # packing runs first-fit-decreasing within shuffled chunks of this many samples
 
@@ -676,6 +842,7 @@ class TrainingData:
         self.samples = list(samples)
         self.settings = settings
         self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._block_cache: dict[tuple[int, int], tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
         self._epoch: tuple[int, list[EncodedSample], list[tuple[str, int]]] | None = None
         self._plan: tuple[int, list[list[int]]] | None = None
 
@@ -695,14 +862,29 @@ class TrainingData:
             rng = _rng(self.settings.seed, epoch, 0)
             transforms = rng.integers(0, 8, size=n)
             colours = rng.permuted(np.tile(np.arange(1, 10), (n, 1)), axis=1)
-            orders = [rng.permutation(len(s.demos)) for s in self.samples]
+            orders = [rng.permutation(len(s.demos)) if len(s.demos) <= MANY_DEMOS else None
+                      for s in self.samples]
         encoded, skipped = [], []
         for k, sample in enumerate(self.samples):
+            if len(sample.demos) > MANY_DEMOS:  # a huge task: linear-cost path (see _encode_many_demos)
+                if self.settings.augment:
+                    t = int(transforms[k])
+                    aug = Augmentation(t, (0, *colours[k].tolist()))
+                    table = aug.colour_table().astype(np.uint8)
+                    order_rng = _rng(self.settings.seed, epoch, 2 + k)
+                else:
+                    t, aug, table, order_rng = 0, None, _IDENTITY_TABLE, None
+                built = self._encode_many_demos(sample, t, table, order_rng, aug)
+                if built is None:
+                    skipped.append((sample.task_id, sample.index))
+                else:
+                    encoded.append(built)
+                continue
             if self.settings.augment:
                 t = int(transforms[k])
                 aug = Augmentation(t, (0, *colours[k].tolist()), tuple(orders[k].tolist()))
                 demos = [sample.demos[i] for i in orders[k]]
-                table = aug.colour_table()
+                table = aug.colour_table().astype(np.uint8)
             else:
                 t, aug, demos, table = 0, None, sample.demos, _IDENTITY_TABLE
             built = _assemble([(self._tokens(i, t), self._tokens(o, t)) for i, o in demos],
@@ -714,6 +896,52 @@ class TrainingData:
             encoded.append(EncodedSample(table[np.concatenate(pieces)], target_start, sample.task_id,
                                          sample.index, len(demos) - drop, drop, aug))
         return encoded, skipped
+
+    def _pair_blocks(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], transform: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair of a task as a demonstration block `I input O output` under `transform`, once per task:
+        (all blocks' tokens back to back, each block's start, each block's length)."""
+        key = (id(pairs), transform)
+        hit = self._block_cache.get(key)
+        if hit is None:
+            blocks = [np.concatenate([_MARK[INPUT], grid_tokens(_dihedral(i, transform)), _MARK[OUTPUT],
+                                      grid_tokens(_dihedral(o, transform))]) for i, o in pairs]
+            lengths = np.fromiter((len(b) for b in blocks), dtype=np.int64, count=len(blocks))
+            starts = np.cumsum(lengths) - lengths
+            hit = self._block_cache[key] = (pairs, np.concatenate(blocks), starts, lengths)
+        return hit[1], hit[2], hit[3]
+
+    def _encode_many_demos(self, sample: Sample, t: int, table: np.ndarray, rng: np.random.Generator | None,
+                           aug: Augmentation | None) -> EncodedSample | None:
+        """Encode a sample with more than MANY_DEMOS demonstrations in time and memory linear in what is
+        kept: only the demonstrations nearest the query that fit max_length are ever drawn and tokenised.
+        With augmentation they are a uniform random ordered draw without replacement (the same law as
+        shuffling all and dropping from the front); without, the last ones in task order. Such a sample's
+        `augmentation.demo_order` is None (the full order is never drawn)."""
+        demos = sample.demos
+        pairs, skip = (demos.pairs, demos.skip) if isinstance(demos, LeaveOneOut) else (demos, len(demos))
+        flat, starts, lengths = self._pair_blocks(pairs, t)
+        query, target = grid_tokens(_dihedral(sample.query, t)), grid_tokens(_dihedral(sample.target, t))
+        budget = self.settings.max_length - (len(query) + len(target) + 4)  # BOS I query O target EOS
+        n = len(demos)
+        shortest = int(lengths.min())
+        most = min(n, max(0, budget) // shortest)  # no more than this many can fit
+        if rng is not None:
+            positions = rng.choice(n, size=most, replace=False)    # nearest the query first
+        else:
+            positions = np.arange(n - 1, n - 1 - most, -1, dtype=np.int64)
+        chosen = positions + (positions >= skip)                     # demonstration -> pair index
+        kept = int(np.searchsorted(np.cumsum(lengths[chosen]), budget, side="right"))
+        if kept == 0:
+            return None
+        chosen = chosen[:kept][::-1]                                  # sequence order: farthest first
+        sizes = lengths[chosen]
+        offsets = np.cumsum(sizes) - sizes
+        gather = np.repeat(starts[chosen] - offsets, sizes) + np.arange(int(sizes.sum()))
+        pieces = [_MARK[BOS], flat[gather], _MARK[INPUT], query, _MARK[OUTPUT]]
+        target_start = sum(len(p) for p in pieces)
+        ids = table[np.concatenate(pieces + [target, _MARK[EOS]])]
+        return EncodedSample(ids, target_start, sample.task_id, sample.index, kept, n - kept, aug)
 
     def encoded(self, epoch: int) -> list[EncodedSample]:
         """This epoch's encoded samples in sample order (those too long to fit left out; see `skipped`)."""
@@ -832,7 +1060,7 @@ def collate_packed(items: list[EncodedSample], tokens_per_batch: int) -> Batch:
     total = int(lengths.sum())
     if total > tokens_per_batch:
         raise ValueError(f"packed row of {total} tokens exceeds tokens_per_batch={tokens_per_batch}")
-    input_ids = np.concatenate([e.input_ids for e in items])[None, :]
+    input_ids = np.concatenate([e.input_ids for e in items]).astype(np.int64)[None, :]
     labels = np.concatenate([e.labels() for e in items])[None, :]
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     position_ids = (np.arange(total, dtype=np.int64) - starts)[None, :]
@@ -861,7 +1089,8 @@ def format_grid_rows(grid: np.ndarray | None, colour: bool) -> list[str]:
 
 def show_task(task: Task, colour: bool = False) -> str:
     """Every pair of a task, input and output side by side, for a person to read."""
-    lines = [f"task {task.task_id}: {len(task.train)} train pairs, {len(task.test)} test pairs"]
+    lines = [f"task {printable(task.task_id)}: {_count(len(task.train), 'train pair')}, "
+             f"{_count(len(task.test), 'test pair')}"]
     for split, pairs in (("train", task.train), ("test", task.test)):
         for k, (inp, out) in enumerate(pairs):
             left, right = format_grid_rows(inp, colour), format_grid_rows(out, colour)
@@ -873,6 +1102,10 @@ def show_task(task: Task, colour: bool = False) -> str:
                 b = right[r] if r < len(right) else ""
                 lines.append(f"  {a}   {'->' if r == 0 else '  '}   {b}".rstrip())
     return "\n".join(lines)
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def data_stats(taskset: TaskSet, settings: DataSettings) -> dict[str, Any]:
@@ -948,7 +1181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps(stats))
         else:
-            print(f"data: {stats['data']}")
+            print(f"data: {printable(stats['data'])}")
             print(f"tasks: {stats['tasks']} ({stats['invalid_tasks']} invalid skipped); "
                   f"evaluation samples (test inputs): {stats['eval_samples']}")
             print(f"training samples: {stats['samples']} of {stats['train_pairs']} train pairs "

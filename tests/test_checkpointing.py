@@ -14,10 +14,11 @@ from checkpointing import (CHECKPOINT_DIR, META_FILE, STATE_FILE, capture_rng_st
                            remove_stale_temporaries, resolve_resume_path, restore_rng_state,
                            save_checkpoint)
 from errors import UserError
+from tiny_checkpoint import full_state
 
 
 def _state(value: float) -> dict:
-    return {"weights": torch.full((3,), value), "loop": {"epoch": 1, "batch": 7, "note": None}}
+    return full_state(value)[0]
 
 
 def test_save_load_round_trip_with_weights_only(tmp_path):
@@ -25,8 +26,8 @@ def test_save_load_round_trip_with_weights_only(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(5, 4)).sum().backward()
     optimizer.step()
-    state = {"model": model_state(model), "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
-             "loop": {"epoch": 0, "batch": 3, "step": 3, "losses": [1.5, float("nan")]}}
+    state = {**_state(0.0), "model": model_state(model), "optimizer": optimizer.state_dict(),
+             "rng": capture_rng_state(), "loop": {"epoch": 0, "batch": 3, "step": 3, "losses": [1.5, float("nan")]}}
     path = save_checkpoint(tmp_path, 3, state, {"step": 3, "args": {"lr": 1e-3}}, keep=2)
 
     assert path.name == "step-00000003"
@@ -52,7 +53,7 @@ def test_saving_the_same_step_twice_replaces_it(tmp_path):
     save_checkpoint(tmp_path, 4, _state(1.0), {"reason": "step"}, keep=3)
     save_checkpoint(tmp_path, 4, _state(2.0), {"reason": "epoch"}, keep=3)
     state, meta = load_checkpoint(tmp_path / "step-00000004")
-    assert meta["reason"] == "epoch" and state["weights"][0].item() == 2.0
+    assert meta["reason"] == "epoch" and state["model"]["weight"][0, 0].item() == 2.0
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000004"]
 
 
@@ -63,7 +64,7 @@ def test_failed_write_leaves_previous_checkpoint_and_no_partial_folder(tmp_path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpointing.torch, "save", full_disk)
-    with pytest.raises(UserError, match="No space left on device.*--keep-checkpoints"):
+    with pytest.raises(UserError, match="no space left on device.*--keep-checkpoints"):
         save_checkpoint(tmp_path, 2, _state(2.0), {}, keep=3)
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]
 
@@ -149,7 +150,7 @@ def test_rng_round_trip_reproduces_draws():
 
 def test_rng_state_survives_weights_only_load(tmp_path):
     torch.manual_seed(5)
-    path = save_checkpoint(tmp_path, 1, {"rng": capture_rng_state()}, {}, keep=1)
+    path = save_checkpoint(tmp_path, 1, {**_state(1.0), "rng": capture_rng_state()}, {}, keep=1)
     expected = torch.rand(3)
     torch.manual_seed(6)
     state, _ = load_checkpoint(path)

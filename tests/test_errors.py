@@ -44,3 +44,64 @@ def test_without_a_group_the_interpreter_ends_normally() -> None:
     result = run_script("import atexit\natexit.register(lambda: print('teardown ran'))\n"
                         "def main():\n    return 0\nrun_cli(main)\n")
     assert (result.returncode, result.stdout) == (0, "teardown ran\n")
+
+
+# ---- untrusted text and Ctrl-C -------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, shown", [
+    ("plain name.json", "plain name.json"),
+    ("x\nerror: forged", "x\\nerror: forged"),
+    ("\x1b[2J\x1b[H", "\\x1b[2J\\x1b[H"),
+    ("a\rb\tc", "a\\rb\\tc"),
+    ("\u202eevil", "\\u202eevil"),
+    ("\x00\x07\x7f\x85", "\\x00\\x07\\x7f\\x85"),
+    ("\u2028\u2029", "\\u2028\\u2029"),
+    ("\ud800", "\\ud800"),
+    ("caf\xe9 \u4e2d\u6587", "caf\xe9 \u4e2d\u6587"),
+])
+def test_printable_escapes_control_characters(text: str, shown: str) -> None:
+    from errors import printable
+    assert printable(text) == shown
+    assert printable(shown) == shown  # escaping is idempotent on what it produces
+
+
+@pytest.mark.parametrize("message", ["bad\nerror: forged", "\x1b[2Jcleared", "a\r\rb", "x\u2028y"])
+def test_error_line_cannot_forge_lines(message: str) -> None:
+    result = run_script(f"def main():\n    raise UserError({message!r})\nrun_cli(main)\n")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "\x1b" not in result.stderr and "\r" not in result.stderr
+
+
+def test_run_cli_hands_ctrl_c_back_to_keyboard_interrupt(capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+    import errors
+    errors.quiet_interrupts()
+    assert signal.getsignal(signal.SIGINT) is errors._interrupted_while_starting
+    try:
+        def main() -> int:
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            raise KeyboardInterrupt
+        with pytest.raises(SystemExit) as ended:
+            errors.run_cli(main)
+        assert ended.value.code == errors.EXIT_INTERRUPTED
+        assert capsys.readouterr().err == "interrupted\n"
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_ctrl_c_during_slow_imports_is_one_line(tmp_path: Path) -> None:
+    """SIGINT while a script is still importing (torch takes 1-2 s): "interrupted", exit 130, no traceback."""
+    import signal
+    import time
+    (tmp_path / "slow_module.py").write_text("import time\nprint('importing', flush=True)\ntime.sleep(30)\n")
+    script = (f"import sys\nsys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]\n"
+              "import errors\nerrors.quiet_interrupts()\nimport slow_module\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline() == "importing\n"
+    time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert err == "interrupted\n"

@@ -1,0 +1,47 @@
+"""What every adversarial case asserts: the script ends the way `errors.run_cli` ends it, with the expected
+exit code, at most ONE error line (the last), warnings each on one line, no traceback, and no raw control
+character on the terminal (a name from a file cannot forge a line or clear the screen)."""
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import pytest
+
+from errors import run_cli
+
+# Any C0/C1 control character or other non-printable one, except the newline that ends each line.
+_RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def run_in_process(main: Callable[[Sequence[str]], int | None], argv: Sequence[str],
+                   capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `run_cli(main(argv))`, in this process (no interpreter start-up).
+    A bug in our code propagates as its exception, so the test fails with the traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        run_cli(lambda: main(list(argv)))
+    out, err = capsys.readouterr()
+    return int(ended.value.code or 0), out, err
+
+
+def assert_clean(code: int, out: str, err: str, expected: int | Sequence[int] = (0, 2)) -> None:
+    """The exit code is expected; stderr holds only one-line warnings and at most one error line, last."""
+    allowed = (expected,) if isinstance(expected, int) else tuple(expected)
+    assert code in allowed, (code, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.splitlines()
+    assert all(line.startswith(("warning: ", "error: ")) for line in lines), err
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == (1 if code == 2 else 0), err
+    if errors:
+        assert lines[-1] == errors[0]
+    assert not _RAW_CONTROL.search(err), repr(err)
+    assert not _RAW_CONTROL.search(out), repr(out[:200])
+
+
+def assert_one_line(message: str, *fragments: str) -> None:
+    """A UserError message: one line, printable, naming each fragment (a file, a field)."""
+    assert "\n" not in message and not _RAW_CONTROL.search(message), repr(message)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
