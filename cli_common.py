@@ -147,8 +147,6 @@ def validate_shared_args(args: argparse.Namespace) -> list[str]:
                         f"({args.max_length}) so the longest sample fits in a row")
     if args.device != "auto" and args.device != "cpu" and not _is_cuda_spec(args.device):
         problems.append(f"--device {args.device!r} is not one of auto, cpu, cuda, cuda:N")
-    if args.random_init and args.model_name == "tiny":
-        pass  # tiny is always randomly initialised; allowed for symmetry
     return problems
 
 
