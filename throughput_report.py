@@ -60,15 +60,9 @@ FLOPS_FORMULA = ("model FLOPs per real token = 6 x parameters in the forward pat
 # Per-batch statistics
 
 @dataclass(frozen=True)
-class Stats:
-    """Summary of per-batch times in milliseconds."""
+class Stats(MsStats):
+    """Summary of per-batch times in milliseconds (the result file's MsStats, and how many there were)."""
     count: int
-    mean: float
-    median: float
-    min: float
-    max: float
-    std: float
-    p90: float
 
     @classmethod
     def of(cls, values_ms: Sequence[float]) -> "Stats":

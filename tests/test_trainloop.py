@@ -218,6 +218,24 @@ def test_epochs_auto_takes_the_benchmark_recommendation(tmp_path, capsys):
     assert len(records(tmp_path / "run", "epoch")) == 3
 
 
+def test_the_checkpoint_records_the_plan_and_a_resume_reads_it_back(tmp_path, capsys):
+    """--epochs auto stays 'auto' in the run's flags; the plan it resolved to (3 epochs of 2 batches) is what
+    the checkpoint records and what a resume continues."""
+    argv = tiny_args(tmp_path, "run", "--epochs", "auto", "--time-budget", "30m", "--max-batches", "2")
+    argv += ["--throughput-json", str(_benchmark(tmp_path, argv, batches=12))]
+    assert run_main(argv) == 0
+    first = checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    meta = checkpointing.read_meta(first)
+    assert meta["args"]["epochs"] == "auto" and meta["args"]["time_budget"] == 1800.0
+    assert meta["plan"] == {"epochs": 3, "max_batches": 2, "epoch_batches": [2, 2, 2], "total_steps": 6,
+                            "output_dir": str(tmp_path / "run")}
+    assert trainloop.resumed_settings(meta)["epochs"] == 3
+    (tmp_path / "results.json").unlink()   # the resume needs neither the benchmark nor --epochs auto again
+    assert run_main(["--resume", str(first), "--model-name", "tiny", "--output-dir", str(tmp_path / "again")]) == 0
+    assert [r["epoch"] for r in records(tmp_path / "again", "epoch")] == [0, 1, 2]
+    capsys.readouterr()
+
+
 def test_epochs_auto_refuses_a_benchmark_of_other_settings(tmp_path):
     argv = tiny_args(tmp_path, "run", "--epochs", "auto", "--time-budget", "2h")
     argv += ["--throughput-json", str(_benchmark(tmp_path, argv, batches=12, batch_size=4, device="Tesla T4"))]
