@@ -1,16 +1,19 @@
 """Flags shared by measure_throughput.py and trainloop_gpu_finetuned.py, with one meaning each.
 
-Both scripts call `add_shared_args`, so a setting named in the benchmark means exactly the same thing in
-the trainer, and `speed_settings` names the settings whose change invalidates a benchmark result.
+Both scripts build their parser as `Parser` (bad flags are one line, no abbreviations) and call
+`add_shared_args` (data, model, precision, optimisation) and `add_run_args` (time budget, evaluation,
+checkpoints), so a setting named in the benchmark means exactly the same thing in the trainer;
+`speed_settings` names the settings whose change invalidates a benchmark result, and `launcher` starts
+the commands both scripts print with as many processes as this one.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any, Mapping, NoReturn
 
 from errors import UserError
-from throughput_report import duration_arg
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 COMPILE_DEFAULT = "off"
@@ -58,6 +61,34 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*"
+                       r"(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hrs|hours?|d|days?)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90m', '2h', '1.5 hours', '45min' or '3600s'. A bare number is refused: '--time-budget 2'
+    meant as hours would otherwise stop a run after 2 seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a duration; write e.g. 30m, 2h, 1.5h or 5400s")
+    if match.group(2) is None:
+        number = text.strip()
+        raise ValueError(f"the duration {text!r} needs a unit: write e.g. {number}s, {number}m or {number}h")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()[0]]
+    if seconds <= 0:
+        raise ValueError(f"the duration {text!r} must be greater than zero")
+    return seconds
+
+
+def duration_arg(text: str) -> float:
+    """argparse type for a duration; returns seconds."""
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 class Parser(argparse.ArgumentParser):

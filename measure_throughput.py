@@ -30,7 +30,6 @@ import argparse
 import datetime
 import math
 import os
-import resource
 import shlex
 import sys
 import time
@@ -315,10 +314,12 @@ def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) 
 def _peak_memory(device: Any) -> tuple[int, int | None, str]:
     """(peak bytes, peak reserved bytes or None, what was measured)."""
     import torch
+
+    import training
     if device.type == "cuda":
-        return (int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device)),
+        return (training.peak_memory_bytes(device), int(torch.cuda.max_memory_reserved(device)),
                 "allocated by PyTorch on the GPU")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None, "process peak RSS"
+    return training.peak_memory_bytes(device), None, "process peak RSS"
 
 
 # ------------------------------------------------------------------------------------------------- result

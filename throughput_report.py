@@ -1,8 +1,8 @@
 """From timed training steps to an epoch-time projection, epoch counts per time budget, and a report.
 
 Everything here is pure (no torch, no model), so it is unit-tested on fixed timings and shared with the
-trainer: `parse_duration` / `duration_arg` for `--time-budget`, `settings_mismatches` to check a result
-(benchmark_result.py reads it), `recommend_for_budget` for `--epochs auto`, and `format_report`.
+trainer: `settings_mismatches` to check a result (benchmark_result.py reads it), `recommend_for_budget`
+for `--epochs auto`, `duration_text` to write a --time-budget back, and `format_report`.
 
 How the epoch is projected (see `project_epoch`). ARC sample lengths vary ~100x (median ~750 tokens, max ~7460),
 so the mean of a few hundred timed batches can be far from the mean of the epoch. Two projections are made:
@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from atomic_io import write_text_atomic
+from cli_common import duration_arg, parse_duration  # noqa: F401  (re-exported; --time-budget is a cli_common flag)
 from benchmark_result import BenchmarkResult, MsStats, ParallelEstimate, Recommendation
 
 DEFAULT_BUDGET_HOURS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 12.0)
@@ -482,35 +483,6 @@ def diagnose(m: Measurements) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Durations (also the trainer's --time-budget)
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*"
-                       r"(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hrs|hours?|d|days?)?\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in '90m', '2h', '1.5 hours', '45min' or '3600s'. A bare number is refused: '--time-budget 2'
-    meant as hours would otherwise stop a run after 2 seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"cannot read {text!r} as a duration; write e.g. 30m, 2h, 1.5h or 5400s")
-    if match.group(2) is None:
-        number = text.strip()
-        raise ValueError(f"the duration {text!r} needs a unit: write e.g. {number}s, {number}m or {number}h")
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()[0]]
-    if seconds <= 0:
-        raise ValueError(f"the duration {text!r} must be greater than zero")
-    return seconds
-
-
-def duration_arg(text: str) -> float:
-    """argparse type for a duration; returns seconds."""
-    import argparse
-    try:
-        return parse_duration(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
 
 def duration_text(seconds: float) -> str:
     """Seconds as a --time-budget value parse_duration reads back: '2h', '90m', '45s', '1.5s'."""

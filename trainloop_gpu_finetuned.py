@@ -688,46 +688,12 @@ class TrainLoop:
     # ---- checkpoints, plot, final model
 
     def save(self, reason: str) -> None:
-        """Checkpoint the exact state at the current batch boundary (atomically; timed for the budget); call
-        inside `paused()`."""
+        """Checkpoint the exact state at the current batch boundary (timed for the budget); call inside
+        `paused()`."""
         start = time.perf_counter()
-        loop, ctx = self.state, self.ctx
-        loop.log_loss_sum = float(self.log_loss.item())      # host sync: checkpoint time only
-        loop.epoch_loss_sum = float(self.epoch_loss.item())
-        saved_loop = asdict(loop)
-        grads = [p.grad for p in self.parts.step.params]
-        # Gradients only exist between optimizer steps of a gradient accumulation.
-        has_grads = any(g is not None for g in grads)
-        if ctx.is_distributed:
-            # Every rank resumes from rank 0's file, so it holds the ranks' mean of what differs between them.
-            # Exact, because the sums are linear: each rank's epoch loss sum (or partial gradient) goes into a
-            # mean over ranks at the epoch's end (the next all-reduce), and mean(a_r + b_r) = mean(a) + mean(b).
-            log_loss, epoch_loss, log_tokens, epoch_tokens = ctx.all_reduce_mean(
-                [loop.log_loss_sum, loop.epoch_loss_sum, loop.log_tokens, loop.epoch_tokens])
-            saved_loop.update(log_loss_sum=log_loss, epoch_loss_sum=epoch_loss, log_tokens=round(log_tokens),
-                              epoch_tokens=round(epoch_tokens),
-                              epoch_samples=[k for part in ctx.gather_objects(loop.epoch_samples) for k in part])
-            if has_grads:
-                grads = [None if g is None else ctx.all_reduce_mean(g).cpu() for g in grads]
-        if ctx.is_main:
-            state = {
-                "model": checkpointing.model_state(self.parts.model),
-                "optimizer": self.parts.optimizer.state_dict(),
-                "scheduler": self.parts.scheduler.state_dict(),
-                "train_step": self.parts.step.state_dict(),
-                "rng": checkpointing.capture_rng_state(),
-                "loop": saved_loop,
-                "grads": grads if has_grads else None,
-            }
-            meta = {"step": loop.step, "epoch": loop.epoch, "batch": loop.batch, "reason": reason,
-                    "saved_at": datetime.now().isoformat(timespec="seconds"), "epochs": self.plan.epochs,
-                    "args": jsonable(vars(self.args)), "plan": self.plan.record(),
-                    "model_config": self.parts.model.config.to_dict(), "vocabulary": list(SYMBOLS),
-                    "device": self.info.device_info, "precision": self.info.precision.name,
-                    "last_eval": loop.last_eval, "world_size": ctx.world_size}
-            checkpointing.save_checkpoint(self.plan.checkpoint_dir, loop.step, state, meta, self.args.keep_checkpoints)
-        ctx.barrier()  # the others wait for rank 0's file (a resume or the next save may need it)
-        self.last_checkpoint = self.plan.checkpoint_dir / checkpointing.checkpoint_name(loop.step)
+        self.state.log_loss_sum = float(self.log_loss.item())      # host sync: checkpoint time only
+        self.state.epoch_loss_sum = float(self.epoch_loss.item())
+        self.last_checkpoint = write_checkpoint(self.info, self.plan, self.parts, self.ctx, self.state, reason)
         self.stops.save_seconds = time.perf_counter() - start
 
     def plot(self) -> None:
@@ -745,6 +711,47 @@ class TrainLoop:
         path = save_model(self.parts.model, self.plan.output_dir / MODEL_DIR, run_settings) if self.ctx.is_main else None
         self.ctx.barrier()
         return path
+
+
+def write_checkpoint(info: RunInfo, plan: RunPlan, parts: TrainingParts, ctx: DistributedContext, loop: LoopState,
+                     reason: str) -> Path:
+    """Write the exact state at a batch boundary atomically (rank 0; the others wait); returns its folder.
+    Everything a resume needs: weights, optimizer, schedule, step, RNG, the loop's position and sums, partial
+    gradients mid-accumulation, and in meta.json the run's flags, its plan, model config and vocabulary."""
+    saved_loop = asdict(loop)
+    grads = [p.grad for p in parts.step.params]
+    # Gradients only exist between optimizer steps of a gradient accumulation.
+    has_grads = any(g is not None for g in grads)
+    if ctx.is_distributed:
+        # Every rank resumes from rank 0's file, so it holds the ranks' mean of what differs between them.
+        # Exact, because the sums are linear: each rank's epoch loss sum (or partial gradient) goes into a
+        # mean over ranks at the epoch's end (the next all-reduce), and mean(a_r + b_r) = mean(a) + mean(b).
+        log_loss, epoch_loss, log_tokens, epoch_tokens = ctx.all_reduce_mean(
+            [loop.log_loss_sum, loop.epoch_loss_sum, loop.log_tokens, loop.epoch_tokens])
+        saved_loop.update(log_loss_sum=log_loss, epoch_loss_sum=epoch_loss, log_tokens=round(log_tokens),
+                          epoch_tokens=round(epoch_tokens),
+                          epoch_samples=[k for part in ctx.gather_objects(loop.epoch_samples) for k in part])
+        if has_grads:
+            grads = [None if g is None else ctx.all_reduce_mean(g).cpu() for g in grads]
+    if ctx.is_main:
+        state = {
+            "model": checkpointing.model_state(parts.model),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "train_step": parts.step.state_dict(),
+            "rng": checkpointing.capture_rng_state(),
+            "loop": saved_loop,
+            "grads": grads if has_grads else None,
+        }
+        meta = {"step": loop.step, "epoch": loop.epoch, "batch": loop.batch, "reason": reason,
+                "saved_at": datetime.now().isoformat(timespec="seconds"), "epochs": plan.epochs,
+                "args": jsonable(vars(info.args)), "plan": plan.record(),
+                "model_config": parts.model.config.to_dict(), "vocabulary": list(SYMBOLS),
+                "device": info.device_info, "precision": info.precision.name,
+                "last_eval": loop.last_eval, "world_size": ctx.world_size}
+        checkpointing.save_checkpoint(plan.checkpoint_dir, loop.step, state, meta, info.args.keep_checkpoints)
+    ctx.barrier()  # the others wait for rank 0's file (a resume or the next save may need it)
+    return plan.checkpoint_dir / checkpointing.checkpoint_name(loop.step)
 
 
 # ---------------------------------------------------------------------------------------------- the end
