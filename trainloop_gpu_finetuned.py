@@ -342,8 +342,7 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         when = (f"at the next step the processes agree on (within ~{STOP_CHECK_SECONDS:.0f} s)"
                 if ctx.is_distributed else "after the current batch")
         with StopRequest(announce=ctx.is_main, when=when) as stop:
-            loop.stop = stop
-            outcome = loop.run()
+            outcome = loop.run(stop)
         final_model = None
         if outcome in ("completed", "time budget", "early stop"):
             final_model = loop.save_final_model(outcome)
@@ -434,7 +433,9 @@ class TrainLoop:
         self.shown_loss: float | None = None
         self.group_token_ratio = float(ctx.world_size)  # all ranks' tokens / rank 0's (progress bar)
 
-    def run(self) -> str:
+    def run(self, stop: StopRequest) -> str:
+        """Train the epochs left; `stop` is the signal handler installed for the run."""
+        self.stop = stop
         while self.state.epoch < self.plan.epochs:
             outcome = self.train_epoch()
             if outcome is not None:
