@@ -1,12 +1,19 @@
 """Flags shared by measure_throughput.py and trainloop_gpu_finetuned.py, with one meaning each.
 
-Both scripts call `add_shared_args`, so a setting named in the benchmark means exactly the same thing in
-the trainer, and `speed_settings` names the settings whose change invalidates a benchmark result.
+Both scripts build their parser as `Parser` (bad flags are one line, no abbreviations) and call
+`add_shared_args` (data, model, precision, optimisation) and `add_run_args` (time budget, evaluation,
+checkpoints), so a setting named in the benchmark means exactly the same thing in the trainer;
+`speed_settings` names the settings whose change invalidates a benchmark result, and `launcher` starts
+the commands both scripts print with as many processes as this one.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping
+import os
+import re
+from typing import Any, Mapping, NoReturn
+
+from errors import UserError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 COMPILE_DEFAULT = "off"
@@ -56,12 +63,64 @@ def positive_float(text: str) -> float:
     return value
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*"
+                       r"(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hrs|hours?|d|days?)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90m', '2h', '1.5 hours', '45min' or '3600s'. A bare number is refused: '--time-budget 2'
+    meant as hours would otherwise stop a run after 2 seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a duration; write e.g. 30m, 2h, 1.5h or 5400s")
+    if match.group(2) is None:
+        number = text.strip()
+        raise ValueError(f"the duration {text!r} needs a unit: write e.g. {number}s, {number}m or {number}h")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()[0]]
+    if seconds <= 0:
+        raise ValueError(f"the duration {text!r} must be greater than zero")
+    return seconds
+
+
+def duration_arg(text: str) -> float:
+    """argparse type for a duration; returns seconds."""
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """Both scripts' parser: bad flags are one line (`error: ...`, exit 2) like every other user error, not
+    usage text; and no abbreviations, so `--epoch 1` is an error rather than silently `--epochs 1`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
+def launcher(ctx: Any) -> list[str]:
+    """How to start a script with as many processes as this one has (`python`, or torchrun with this
+    node count and processes per node), for the commands the scripts print."""
+    if not ctx.is_distributed:
+        return ["python"]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    nodes = [] if per_node == ctx.world_size else ["--nnodes", str(ctx.world_size // per_node)]
+    return ["torchrun", *nodes, "--nproc_per_node", str(per_node)]
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default in --help and keeps the module docstring's examples as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, True) or "default" in text:
+        # `is` / isinstance, not `in (None, False, True)`: 0 == False and 1 == True would hide the defaults 0 and 1
+        if action.default is None or isinstance(action.default, bool) or "default" in text:
             return text  # switches, and flags whose help already says what the default means
         return super()._get_help_string(action)
 
@@ -137,6 +196,33 @@ def add_shared_args(parser: argparse.ArgumentParser) -> None:
                        help="linear warm-up optimizer steps before the cosine decay")
 
 
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The run's time budget, evaluation and checkpoint flags. The trainer acts on them; the benchmark takes
+    them with the same meaning (the next command it prints repeats them), so it can plan their cost."""
+    run = parser.add_argument_group("time budget, evaluation and checkpoints")
+    run.add_argument("--time-budget", type=duration_arg, default=None, metavar="DURATION",
+                     help="wall-clock budget with a unit: 2h, 90m, 1.5h or 45s. The trainer stops with a checkpoint "
+                          "and the final model before it runs out, judged from measured step and save times; the "
+                          "benchmark's next command fits it")
+    run.add_argument("--eval-data", default=None,
+                     help="tasks whose test inputs are scored (any --data format; if not given: the test inputs "
+                          "of the training tasks, which training never sees)")
+    run.add_argument("--eval-tasks", type=non_negative_int, default=100,
+                     help="evaluate on the first N tasks with known test outputs (0: no evaluation); greedy "
+                          "decoding costs a forward pass per generated token")
+    run.add_argument("--eval-every", type=non_negative_int, default=0,
+                     help="also evaluate every N optimizer steps (0: at the end of each epoch only)")
+    run.add_argument("--eval-batch-size", type=positive_int, default=8,
+                     help="test inputs decoded together, shortest prompts first (a decode step costs about the "
+                          "same for 8 as for 1 on a GPU); lower it if evaluation runs out of memory")
+    run.add_argument("--eval-attempts", type=int, choices=(1, 2), default=1,
+                     help="2: a second attempt on an augmented view, mapped back (pass@2, the ARC Prize metric)")
+    run.add_argument("--save-every", type=non_negative_int, default=1000,
+                     help="also checkpoint every N optimizer steps (0: only at the end of each epoch)")
+    run.add_argument("--keep-checkpoints", type=positive_int, default=2,
+                     help="how many of the newest checkpoints to keep on disk")
+
+
 def validate_shared_args(args: argparse.Namespace) -> list[str]:
     """Problems with the shared flags, all of them, so the user fixes everything in one go."""
     problems = []
@@ -147,8 +233,6 @@ def validate_shared_args(args: argparse.Namespace) -> list[str]:
                         f"({args.max_length}) so the longest sample fits in a row")
     if args.device != "auto" and args.device != "cpu" and not _is_cuda_spec(args.device):
         problems.append(f"--device {args.device!r} is not one of auto, cpu, cuda, cuda:N")
-    if args.random_init and args.model_name == "tiny":
-        pass  # tiny is always randomly initialised; allowed for symmetry
     return problems
 
 

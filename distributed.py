@@ -26,7 +26,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -209,7 +209,7 @@ def shard_batch_plan(plan: Sequence[Sequence[int]], rank: int, world_size: int) 
     sample is still trained exactly once (a sample in a smaller piece weighs a little more in that one
     step's average). Only when that round has fewer samples than ranks (batch size 1 and a remainder)
     do the missing batches repeat the plan's first batches: at most world_size - 1 extra batches per
-    epoch (`duplicated_batches` tells how many)."""
+    epoch."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     batches = [list(batch) for batch in plan]
@@ -219,15 +219,6 @@ def shard_batch_plan(plan: Sequence[Sequence[int]], rank: int, world_size: int) 
     if remainder:
         mine.append(_last_round(remainder, batches, world_size)[rank])
     return mine
-
-
-def duplicated_batches(plan: Sequence[Sequence[int]], world_size: int) -> int:
-    """How many batches `shard_batch_plan` repeats in this epoch (0 unless the last round has fewer
-    samples than there are ranks); the number to report next to the epoch's sample count."""
-    remainder = plan[len(plan) - len(plan) % world_size:]
-    if not remainder:
-        return 0
-    return max(0, world_size - sum(len(batch) for batch in remainder))
 
 
 def steps_per_epoch(num_batches: int, world_size: int) -> int:
@@ -259,15 +250,6 @@ def shard_items(items: Sequence[T], ctx: DistributedContext) -> list[T]:
     return list(items[ctx.rank::ctx.world_size])
 
 
-def merge_shards(gathered: Sequence[Sequence[T]]) -> list[T]:
-    """Undo `shard_items` on the lists `gather_objects` returns: the original order."""
-    merged: list[T] = []
-    longest = max((len(part) for part in gathered), default=0)
-    for position in range(longest):
-        merged.extend(part[position] for part in gathered if position < len(part))
-    return merged
-
-
 def wrap_model(model: torch.nn.Module, ctx: DistributedContext) -> torch.nn.Module:
     """Wrap for DistributedDataParallel (gradients averaged over ranks in backward); unchanged on one rank.
 
@@ -291,16 +273,3 @@ def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextMan
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def rank_batches(data: Any, epoch: int, ctx: DistributedContext, start: int = 0) -> Iterator[Any]:
-    """This rank's batches of `epoch` from an arc_dataset.TrainingData, from its `start`-th batch on.
-
-    With one rank this is `data.batches(epoch, start)`; with several it collates this rank's share of
-    `data.batch_plan(epoch)` (identical on every rank: it depends only on the data, settings and seed)."""
-    if not ctx.is_distributed:
-        yield from data.batches(epoch, start)
-        return
-    encoded = data.encoded(epoch)
-    for batch in shard_batch_plan(data.batch_plan(epoch), ctx.rank, ctx.world_size)[start:]:
-        yield data.collate([encoded[i] for i in batch])

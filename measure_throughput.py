@@ -27,35 +27,29 @@ under torchrun it exits 130 without a report.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import math
 import os
-import resource
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, NoReturn, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import cli_common
 import distributed
 import throughput_report as report
+from benchmark_result import (BenchmarkResult, DataSummary, DeviceInfo, EpochProjectionInfo, LongestBatch, ModelSize,
+                              ParallelEstimate, ProjectionInfo)
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 
 
 # ------------------------------------------------------------------------------------------------- arguments
 
-class _Parser(argparse.ArgumentParser):
-    """Bad flags are one line (`error: ...`, exit 2) like every other user error, not usage text."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__, formatter_class=cli_common.HelpFormatter)
+    parser = cli_common.Parser(description=__doc__)
     cli_common.add_shared_args(parser)
+    cli_common.add_run_args(parser)
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--num-batches", type=cli_common.positive_int, default=500,
                        help="timed batches, drawn in the epoch's order (wrapping around a short epoch)")
@@ -67,8 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-useful-epochs", type=cli_common.positive_int,
                        default=report.DEFAULT_MAX_USEFUL_EPOCHS,
                        help="returns diminish after ~5-8 epochs: recommend at most this many")
-    bench.add_argument("--time-budget", default=None, metavar="DURATION",
-                       help="your time budget (e.g. 2h, 90m): the next command then fits it")
     bench.add_argument("--estimate-gpus", type=cli_common.positive_int, default=None, metavar="N",
                        help="also estimate the epoch on N such GPUs from this one-process measurement (an "
                             "estimate, with its assumptions printed; torchrun measures it for real)")
@@ -82,11 +74,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag before anything heavy loads; all problems reported at once."""
     args = build_parser().parse_args(argv)
     problems = cli_common.validate_shared_args(args)
-    if args.time_budget is not None:
-        try:
-            report.parse_duration(args.time_budget)
-        except ValueError as err:
-            problems.append(f"--time-budget: {err}")
     if args.estimate_gpus is not None and os.environ.get("WORLD_SIZE", "1") != "1":
         problems.append("--estimate-gpus is for a one-process run; under torchrun the benchmark measures the "
                         "multi-process step itself")
@@ -96,13 +83,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def trainer_flags(args: argparse.Namespace) -> list[str]:
-    """The shared flags this run was given (those not at their default), to repeat them to the trainer."""
+    """The shared flags this run was given (those not at their default), to repeat them to the trainer
+    (--time-budget aside: the next command's epoch count already fits it)."""
     shared = argparse.ArgumentParser(add_help=False)
     cli_common.add_shared_args(shared)
+    cli_common.add_run_args(shared)
     flags: list[str] = []
     for action in shared._actions:
         value = getattr(args, action.dest)
-        if value == action.default:
+        if value == action.default or action.dest == "time_budget":
             continue
         flag = action.option_strings[0]
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
@@ -257,7 +246,7 @@ def compile_graph_variants(s: Setup) -> int:
     encoded = s.data.encoded(0)
     plan = (s.data.collate([encoded[i] for i in indices]) for indices in s.data.batch_plan(0))
     variants = training.one_batch_per_graph_variant(s.step, plan)
-    with out_of_memory_as_user_error(s.device):
+    with training.out_of_memory_as_user_error(s.device):
         for batch in variants:
             s.step(batch.to(s.device))
     return len(variants)
@@ -273,25 +262,10 @@ def run_longest_batch(s: Setup) -> tuple[report.BatchShape, float]:
     encoded = s.data.encoded(0)
     batch = s.data.collate([encoded[i] for i in plan[index]])
     start = time.perf_counter()
-    with out_of_memory_as_user_error(s.device):
+    with training.out_of_memory_as_user_error(s.device):
         s.step(batch.to(s.device))
         training.synchronize(s.device)
     return s.plan_shapes[index], (time.perf_counter() - start) * 1000
-
-
-@contextlib.contextmanager
-def out_of_memory_as_user_error(device: Any) -> Iterator[None]:
-    """Turn an out-of-memory error into training.oom_message's one line (peak memory, what to change)."""
-    import torch
-
-    import training
-    try:
-        yield
-    except Exception as exc:  # the CUDA caching allocator's OutOfMemoryError, or a CPU allocation failure
-        if not (isinstance(exc, torch.cuda.OutOfMemoryError)
-                or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())):
-            raise
-        raise UserError(training.oom_message(device, exc, _peak_memory(device)[0])) from None
 
 
 def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) -> Timings:
@@ -340,26 +314,32 @@ def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) 
 def _peak_memory(device: Any) -> tuple[int, int | None, str]:
     """(peak bytes, peak reserved bytes or None, what was measured)."""
     import torch
+
+    import training
     if device.type == "cuda":
-        return (int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device)),
+        return (training.peak_memory_bytes(device), int(torch.cuda.max_memory_reserved(device)),
                 "allocated by PyTorch on the GPU")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None, "process peak RSS"
+    return training.peak_memory_bytes(device), None, "process peak RSS"
 
 
 # ------------------------------------------------------------------------------------------------- result
 
-def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, float]) -> dict[str, Any]:
-    """The result object: what --json writes and what the report prints."""
-    import model as model_lib
+@dataclass(frozen=True)
+class GroupTotals:
+    """What the timed batches amount to over all processes (tokens, FLOPs) and on the largest one (memory)."""
+    seconds: float              # rank 0's timed wall seconds: the processes step in lockstep
+    tokens: int
+    padded_tokens: int
+    model_flops: float
+    peak_bytes: int
+    reserved_bytes: int | None
+    memory_kind: str
 
-    args, ctx = s.args, s.ctx
-    n_epoch = len(s.epoch_shapes)   # per process
-    total_ms = timings.batch_ms
-    seconds = sum(total_ms) / 1000
-    projection = report.project_epoch(s.epoch_shapes, timings.positions, total_ms, seed=args.seed)
-    epoch_seconds = projection.seconds
-    rows = report.recommendations(epoch_seconds, n_epoch, max_useful_epochs=args.max_useful_epochs)
-    tier = report.speed_tier(epoch_seconds)
+
+def group_totals(s: Setup, timings: Timings) -> GroupTotals:
+    """Sum the timed batches' tokens and model FLOPs, and take the peak memory; under torchrun over every
+    process (collectives: every process calls this)."""
+    import model as model_lib
 
     flops_cache: dict[float, float] = {}
     model_flops = 0.0
@@ -369,6 +349,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         model_flops += flops_cache[length] * tokens
     tokens, padded_tokens = sum(timings.tokens), sum(timings.padded_tokens)
     peak_bytes, reserved_bytes, memory_kind = _peak_memory(s.device)
+    ctx = s.ctx
     if ctx.is_distributed:
         # Every process timed as many steps, in lockstep (the all-reduce waits for the slowest): rank 0's
         # seconds are the group's; tokens and FLOPs add up over the processes; memory is the largest one's.
@@ -377,106 +358,98 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         peak_bytes = max(peak for peak, _ in peaks)
         reserved_bytes = None if reserved_bytes is None else max(reserved for _, reserved in peaks)
         memory_kind += f", the largest of the {ctx.world_size} processes"
-    flops_per_second = model_flops / seconds / ctx.world_size  # per device, against one device's peak
-    device_name = str(s.device_info["name"])
-    peak = report.peak_flops(device_name, s.precision.name) if s.device.type == "cuda" else None
-    import training
-    # Half a second of dense matmuls in the training dtype, after timing so it cannot disturb it: the
-    # utilisation this device can actually reach, beside the spec-sheet peak.
-    measured_peak = training.measure_matmul_peak(s.device, s.precision)
+    return GroupTotals(sum(timings.batch_ms) / 1000, int(tokens), int(padded_tokens), float(model_flops),
+                       int(peak_bytes), reserved_bytes, memory_kind)
 
+
+def diagnose(s: Setup, timings: Timings, projection: report.EpochProjection, reserved_bytes: int | None) -> list[str]:
+    """The report's diagnostics, from what the timing saw."""
+    total_ms = timings.batch_ms
     total_memory = s.device_info.get("memory_cap_bytes") or s.device_info.get("total_memory_bytes")
-    skipped = int(s.step.skipped_steps)  # note: a sync point, once, after timing
-    best = projection.best
-    overhead_share = report.fixed_cost_share(projection, sum(total_ms) / len(total_ms))
-    data_share = sum(timings.data_ms) / sum(total_ms)
-    measurements = report.Measurements(
-        device_type=s.device.type, data_share=data_share,
-        memory_peak_bytes=reserved_bytes if reserved_bytes is not None else None,
-        memory_total_bytes=total_memory if s.device.type == "cuda" else None,
-        overhead_share=overhead_share, skipped_steps=skipped,
-        optimizer_steps=max(1, len(total_ms) // args.grad_accum), precision=s.precision.name,
-        drift=projection.drift, load_average=os.getloadavg()[0], cpu_count=os.cpu_count(), compiled=s.compiled)
+    return report.diagnose(report.Measurements(
+        device_type=s.device.type, data_share=sum(timings.data_ms) / sum(total_ms),
+        memory_peak_bytes=reserved_bytes, memory_total_bytes=total_memory if s.device.type == "cuda" else None,
+        overhead_share=report.fixed_cost_share(projection, sum(total_ms) / len(total_ms)),
+        skipped_steps=int(s.step.skipped_steps), optimizer_steps=max(1, len(total_ms) // s.args.grad_accum),
+        precision=s.precision.name, drift=projection.drift, load_average=os.getloadavg()[0],
+        cpu_count=os.cpu_count(), compiled=s.compiled))
 
-    total, trainable = model_lib.count_parameters(s.model)
-    settings = cli_common.speed_settings(args, s.device_info, s.precision.name, ctx.world_size)
-    settings["data_description"] = s.data_description
-    command, why = next_command(args, rows, epoch_seconds, n_epoch, tier, launcher=_launcher(ctx))
-    estimate = None
-    if args.estimate_gpus:
-        rank_shapes = shard_shapes(s.data, s.plan_shapes, args.estimate_gpus)
-        # DDP all-reduces the gradients in the parameters' dtype: fp32 master weights in every precision here.
-        gradient_bytes = sum(p.numel() * p.element_size() for p in s.model.parameters() if p.requires_grad)
-        estimate = asdict(report.estimate_data_parallel(best.model, rank_shapes, args.grad_accum, gradient_bytes,
-                                                        args.allreduce_gbps))
 
+def projection_fields(projection: report.EpochProjection) -> tuple[EpochProjectionInfo, dict[str, ProjectionInfo]]:
+    """The projection the epoch time comes from, and every projection made, as the result records them."""
     def finite(x: float) -> float | None:
         return x if math.isfinite(x) else None
 
-    return {
-        "format": report.RESULT_FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "complete": not timings.interrupted,
-        "interrupted": timings.interrupted,
-        "device": {**cli_common.jsonable(s.device_info), "type": s.device.type, "precision": s.precision.name},
-        "settings": settings,
-        "world_size": ctx.world_size,
-        "backend": ctx.backend,
-        "model": {"parameters": total, "trainable_parameters": trainable},
-        "data": {"description": s.data_description, "samples": len(s.data.encoded(0)),
-                 "samples_too_long": len(s.data.skipped(0))},
-        "warmup_batches": args.warmup,
-        "compiled": s.compiled,
-        "startup_seconds": timings.startup_seconds,
-        "timed_batches": len(total_ms),
-        "per_batch_ms": report.Stats.of(total_ms).as_json(),
-        "data_ms": report.Stats.of(timings.data_ms).as_json(),
-        "data_share": data_share,
-        "tokens_per_second": tokens / seconds,
-        "padded_tokens_per_second": padded_tokens / seconds,
-        "peak_memory_bytes": peak_bytes,
-        "peak_reserved_bytes": reserved_bytes,
-        "peak_memory_kind": memory_kind,
-        "model_flops_per_second": flops_per_second,
-        "peak_flops": peak,
-        "mfu": flops_per_second / peak if peak else None,
-        "measured_matmul_flops": measured_peak,
-        "mfu_of_measured_peak": flops_per_second / measured_peak,
-        "real_token_share": tokens / padded_tokens if padded_tokens else 1.0,
-        "flops_formula": report.FLOPS_FORMULA,
-        "checkpoint_above": s.step.checkpoint_above,  # batches over this many tokens recompute activations
-        "longest_batch": {"rows": longest[0].rows, "length": longest[0].length, "tokens": longest[0].tokens,
-                          "ms": longest[1]},
-        "batches_per_epoch": n_epoch,
-        "plan_batches_per_epoch": len(s.plan_shapes),
-        "epoch_seconds": epoch_seconds,
-        "epoch_projection": {"kind": best.kind, "name": best.name, "expected_error": finite(best.expected_error),
-                             "reason": projection.reason, "extrapolated_batches": best.extrapolated_batches,
-                             "drift": projection.drift},
-        "projections": {kind: {"name": p.name, "seconds": p.seconds, "expected_error": finite(p.expected_error),
-                               "heldout_rmse_ms": p.heldout_rmse_ms, "coefficients": list(p.model.coefficients)}
-                        for kind, p in projection.projections.items()},
-        "max_useful_epochs": args.max_useful_epochs,
-        "recommendations": [asdict(r) for r in rows],
-        "tier": tier.name,
-        "tier_label": tier.label,
-        "tier_range": report.tier_range_text(tier),
-        "tier_advice": tier.advice,
-        "diagnostics": report.diagnose(measurements),
-        "skipped_steps": skipped,
-        "next_command": command,
-        "next_command_why": why,
-        "estimate": estimate,
-    }
+    best = projection.best
+    chosen = EpochProjectionInfo(best.kind, best.name, finite(best.expected_error), projection.reason,
+                                 best.extrapolated_batches, projection.drift)
+    return chosen, {kind: ProjectionInfo(p.name, p.seconds, finite(p.expected_error), p.heldout_rmse_ms,
+                                         tuple(p.model.coefficients))
+                    for kind, p in projection.projections.items()}
 
 
-def _launcher(ctx: Any) -> list[str]:
-    """How to start the trainer with as many processes as this measurement had."""
-    if not ctx.is_distributed:
-        return ["python"]
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    nodes = [] if per_node == ctx.world_size else ["--nnodes", str(ctx.world_size // per_node)]
-    return ["torchrun", *nodes, "--nproc_per_node", str(per_node)]
+def parallel_estimate(s: Setup, cost_model: report.CostModel) -> ParallelEstimate | None:
+    """--estimate-gpus N: the epoch on N such GPUs, from this process's cost model (None without the flag)."""
+    if not s.args.estimate_gpus:
+        return None
+    rank_shapes = shard_shapes(s.data, s.plan_shapes, s.args.estimate_gpus)
+    # DDP all-reduces the gradients in the parameters' dtype: fp32 master weights in every precision here.
+    gradient_bytes = sum(p.numel() * p.element_size() for p in s.model.parameters() if p.requires_grad)
+    return report.estimate_data_parallel(cost_model, rank_shapes, s.args.grad_accum, gradient_bytes,
+                                         s.args.allreduce_gbps)
+
+
+def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, float]) -> BenchmarkResult:
+    """The result: what --json writes and what the report prints."""
+    import model as model_lib
+    import training
+
+    args, ctx = s.args, s.ctx
+    n_epoch = len(s.epoch_shapes)   # per process
+    projection = report.project_epoch(s.epoch_shapes, timings.positions, timings.batch_ms, seed=args.seed)
+    rows = report.recommendations(projection.seconds, n_epoch, max_useful_epochs=args.max_useful_epochs)
+    tier = report.speed_tier(projection.seconds)
+    totals = group_totals(s, timings)
+    flops_per_second = totals.model_flops / totals.seconds / ctx.world_size  # per device, against one's peak
+    peak = report.peak_flops(str(s.device_info["name"]), s.precision.name) if s.device.type == "cuda" else None
+    # Half a second of dense matmuls in the training dtype, after timing so it cannot disturb it: the
+    # utilisation this device can actually reach, beside the spec-sheet peak.
+    measured_peak = training.measure_matmul_peak(s.device, s.precision)
+    total, trainable = model_lib.count_parameters(s.model)
+    settings = {**cli_common.speed_settings(args, s.device_info, s.precision.name, ctx.world_size),
+                "data_description": s.data_description}
+    command, why = next_command(args, rows, projection.seconds, n_epoch, tier, launcher=cli_common.launcher(ctx))
+    chosen, projections = projection_fields(projection)
+    device = {**cli_common.jsonable(s.device_info), "type": s.device.type, "precision": s.precision.name}
+    return BenchmarkResult(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        complete=not timings.interrupted, interrupted=timings.interrupted,
+        device=DeviceInfo(**{k: v for k, v in device.items() if k in DeviceInfo.__dataclass_fields__}),
+        settings=settings, world_size=ctx.world_size, backend=ctx.backend,
+        model=ModelSize(total, trainable),
+        data=DataSummary(s.data_description, len(s.data.encoded(0)), len(s.data.skipped(0))),
+        warmup_batches=args.warmup, compiled=s.compiled, startup_seconds=timings.startup_seconds,
+        timed_batches=len(timings.batch_ms),
+        per_batch_ms=report.Stats.of(timings.batch_ms).as_ms_stats(),
+        data_ms=report.Stats.of(timings.data_ms).as_ms_stats(),
+        data_share=sum(timings.data_ms) / sum(timings.batch_ms),
+        tokens_per_second=totals.tokens / totals.seconds,
+        padded_tokens_per_second=totals.padded_tokens / totals.seconds,
+        peak_memory_bytes=totals.peak_bytes, peak_reserved_bytes=totals.reserved_bytes,
+        peak_memory_kind=totals.memory_kind,
+        model_flops_per_second=flops_per_second, peak_flops=peak, mfu=flops_per_second / peak if peak else None,
+        measured_matmul_flops=measured_peak, mfu_of_measured_peak=flops_per_second / measured_peak,
+        real_token_share=totals.tokens / totals.padded_tokens if totals.padded_tokens else 1.0,
+        flops_formula=report.FLOPS_FORMULA, checkpoint_above=s.step.checkpoint_above,
+        longest_batch=LongestBatch(longest[0].rows, longest[0].length, longest[0].tokens, longest[1]),
+        batches_per_epoch=n_epoch, plan_batches_per_epoch=len(s.plan_shapes),
+        epoch_seconds=projection.seconds, epoch_projection=chosen, projections=projections,
+        max_useful_epochs=args.max_useful_epochs, recommendations=tuple(rows),
+        tier=tier.name, tier_label=tier.label, tier_range=report.tier_range_text(tier), tier_advice=tier.advice,
+        diagnostics=tuple(diagnose(s, timings, projection, totals.reserved_bytes)),
+        skipped_steps=int(s.step.skipped_steps),  # note: a sync point, once, after timing
+        next_command=command, next_command_why=why,
+        estimate=parallel_estimate(s, projection.best.model))
 
 
 def next_command(args: argparse.Namespace, rows: list[report.Recommendation], epoch_seconds: float,
@@ -487,11 +460,12 @@ def next_command(args: argparse.Namespace, rows: list[report.Recommendation], ep
     the run is to fine-tune the pretrained model (the trainer accepts this result for it)."""
     flags = [flag for flag in trainer_flags(args) if flag != "--random-init"]
     if args.time_budget is not None:
-        hours = report.parse_duration(args.time_budget) / 3600
-        rec = report.recommend_for_budget(hours, epoch_seconds, batches_per_epoch, args.max_useful_epochs)
-        why = f"fits --time-budget {args.time_budget}: ~{report.format_hours(rec.total_hours)} of training steps"
+        budget = report.duration_text(args.time_budget)
+        rec = report.recommend_for_budget(args.time_budget / 3600, epoch_seconds, batches_per_epoch,
+                                          args.max_useful_epochs)
+        why = f"fits --time-budget {budget}: ~{report.format_hours(rec.total_hours)} of training steps"
         if args.json:
-            why += (f"; or let the trainer read this result: --epochs auto --time-budget {args.time_budget} "
+            why += (f"; or let the trainer read this result: --epochs auto --time-budget {budget} "
                     f"--throughput-json {args.json}")
     else:
         epochs = min(tier.epochs, args.max_useful_epochs)
@@ -535,14 +509,16 @@ def _measure(s: Setup) -> int:
     longest = run_longest_batch(s)
     say(f"Longest batch of the epoch ({longest[0].rows} x {longest[0].length} tokens) fits. "
         f"Warming up ({args.warmup} batch{'' if args.warmup == 1 else 'es'})...")
-    with out_of_memory_as_user_error(s.device):  # fragmentation can still run out later
+    import training
+
+    with training.out_of_memory_as_user_error(s.device):  # fragmentation can still run out later
         timings = time_batches(s, args.warmup, args.num_batches,
                                on_start=lambda: say(f"Timing {args.num_batches} batches..."))
     result = build_result(s, timings, longest)
     say()
     say(report.format_report(result))
     if args.json and s.ctx.is_main:
-        report.write_json_atomic(args.json, result)
+        result.write(args.json)
         say(f"\nResult written to {args.json}")
     if timings.interrupted:
         print("interrupted", file=sys.stderr, flush=True)

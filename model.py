@@ -46,7 +46,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 VOCAB_FILE = "arc_vocabulary.json"
 SETTINGS_FILE = "run_settings.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MAX_GRID_TOKENS = 30 * 31 + 1  # a 30x30 grid: 30 rows of 30 cells + row end, then EOS
+MAX_GRID_TOKENS = data.MAX_TARGET_TOKENS  # a 30x30 grid: 30 rows of 30 cells + row end, then EOS
 
 # The text each compact symbol is initialised from (special tokens are looked up separately).
 SPELLINGS: dict[int, str] = {**{i: str(i) for i in range(10)}, data.ROW_END: "\n", data.INPUT: "I",
@@ -69,7 +69,6 @@ class ModelSettings:
     def from_args(cls, args: argparse.Namespace) -> "ModelSettings":
         """Settings from the flags that cli_common.add_shared_args declares."""
         return cls(model_name=args.model_name, random_init=args.random_init, lora_rank=args.lora_rank,
-                   lora_alpha=getattr(args, "lora_alpha", None),
                    gradient_checkpointing=args.gradient_checkpointing,
                    attn_implementation=args.attn_implementation,
                    trust_remote_code=args.trust_remote_code)

@@ -1,8 +1,8 @@
 """From timed training steps to an epoch-time projection, epoch counts per time budget, and a report.
 
 Everything here is pure (no torch, no model), so it is unit-tested on fixed timings and shared with the
-trainer: `parse_duration` / `duration_arg` for `--time-budget`, `load_result` and `settings_mismatches` to read
-and check the JSON that measure_throughput.py writes, and `recommend_for_budget` for `--epochs auto`.
+trainer: `settings_mismatches` to check a result (benchmark_result.py reads it), `recommend_for_budget`
+for `--epochs auto`, `duration_text` to write a --time-budget back, and `format_report`.
 
 How the epoch is projected (see `project_epoch`). ARC sample lengths vary ~100x (median ~750 tokens, max ~7460),
 so the mean of a few hundred timed batches can be far from the mean of the epoch. Two projections are made:
@@ -21,15 +21,15 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from atomic_io import write_text_atomic
-from errors import UserError
+from cli_common import duration_arg, parse_duration  # noqa: F401  (re-exported; --time-budget is a cli_common flag)
+from benchmark_result import BenchmarkResult, MsStats, ParallelEstimate, Recommendation
 
-RESULT_FORMAT = "arc-throughput/1"
 DEFAULT_BUDGET_HOURS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 12.0)
 DEFAULT_MAX_USEFUL_EPOCHS = 10
 GUIDE_BATCHES_PER_EPOCH = 3232   # ARC-AGI-2 training, batch size 1: the epoch the guide's ms/batch tiers assume
@@ -61,15 +61,9 @@ FLOPS_FORMULA = ("model FLOPs per real token = 6 x parameters in the forward pat
 # Per-batch statistics
 
 @dataclass(frozen=True)
-class Stats:
-    """Summary of per-batch times in milliseconds."""
+class Stats(MsStats):
+    """Summary of per-batch times in milliseconds (the result file's MsStats, and how many there were)."""
     count: int
-    mean: float
-    median: float
-    min: float
-    max: float
-    std: float
-    p90: float
 
     @classmethod
     def of(cls, values_ms: Sequence[float]) -> "Stats":
@@ -81,8 +75,9 @@ class Stats:
                    std=float(values.std(ddof=1)) if values.size > 1 else 0.0,
                    p90=float(np.percentile(values, 90)))
 
-    def as_json(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "count"}
+    def as_ms_stats(self) -> MsStats:
+        """The summary a result file holds (without the count: that is `timed_batches`)."""
+        return MsStats(self.mean, self.median, self.min, self.max, self.std, self.p90)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,20 +302,6 @@ def _choose(projections: dict[str, Projection], n_timed: int, n_epoch: int) -> t
 # ---------------------------------------------------------------------------------------------------------------
 # Recommendations per time budget
 
-@dataclass(frozen=True)
-class Recommendation:
-    """What to run for one time budget.
-
-    `epochs` is what to pass as --epochs (capped at the useful maximum; 1 when only part of an epoch fits, with
-    `max_batches` set); `fits_epochs` is how many whole epochs the budget holds."""
-    budget_hours: float
-    epochs: int
-    total_hours: float
-    fits_epochs: int
-    capped: bool
-    max_batches: int | None
-
-
 def recommend_for_budget(budget_hours: float, epoch_seconds: float, batches_per_epoch: int,
                          max_useful_epochs: int = DEFAULT_MAX_USEFUL_EPOCHS) -> Recommendation:
     """Whole epochs that fit `budget_hours` (floor of budget / epoch time), capped at `max_useful_epochs`; when
@@ -352,20 +333,6 @@ def recommendations(epoch_seconds: float, batches_per_epoch: int,
 DEFAULT_ALLREDUCE_GBPS = 8.0  # assumed all-reduce bus bandwidth, GB/s: two PCIe GPUs without NVLink (a 2xT4)
 
 
-@dataclass(frozen=True)
-class ParallelEstimate:
-    """An epoch on `world_size` devices estimated, not measured, from one device's cost model."""
-    world_size: int
-    epoch_seconds: float
-    compute_seconds: float        # the steps' batches, each step as long as its slowest process's batches
-    allreduce_seconds: float      # the gradient all-reduces, none of them overlapped with compute
-    batches_per_epoch: int        # per process
-    optimizer_steps: int
-    gradient_bytes: int
-    bus_gbps: float
-    assumptions: str
-
-
 def estimate_data_parallel(model: CostModel, rank_shapes: Sequence[Sequence[BatchShape]], grad_accum: int,
                            gradient_bytes: int, bus_gbps: float = DEFAULT_ALLREDUCE_GBPS) -> ParallelEstimate:
     """Epoch time on len(rank_shapes) devices from a cost model fitted on one device.
@@ -393,19 +360,19 @@ def estimate_data_parallel(model: CostModel, rank_shapes: Sequence[Sequence[Batc
                             steps * allreduce_s, rounds, steps, gradient_bytes, bus_gbps, assumptions)
 
 
-def format_estimate(estimate: dict[str, Any], one_device_seconds: float) -> list[str]:
+def format_estimate(estimate: ParallelEstimate, one_device_seconds: float) -> list[str]:
     """The report's section for `--estimate-gpus`: labelled an estimate, with its assumptions."""
-    seconds, allreduce = estimate["epoch_seconds"], estimate["allreduce_seconds"]
+    seconds, allreduce = estimate.epoch_seconds, estimate.allreduce_seconds
 
     def shown(value: float) -> str:
         return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
-    return [f"ESTIMATE for {estimate['world_size']} GPUs (not measured; measure it with torchrun --nproc_per_node "
-            f"{estimate['world_size']} measure_throughput.py ...):",
+    return [f"ESTIMATE for {estimate.world_size} GPUs (not measured; measure it with torchrun --nproc_per_node "
+            f"{estimate.world_size} measure_throughput.py ...):",
             f"  epoch ~{shown(seconds)} s ({seconds / 60:.1f} min), {one_device_seconds / seconds:.2f}x as fast as "
-            f"one GPU: {estimate['batches_per_epoch']} batches per GPU, {estimate['optimizer_steps']} optimizer steps",
+            f"one GPU: {estimate.batches_per_epoch} batches per GPU, {estimate.optimizer_steps} optimizer steps",
             f"  of which gradient all-reduce {shown(allreduce)} s",
-            f"  assumes {estimate['assumptions']}"]
+            f"  assumes {estimate.assumptions}"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,30 +484,12 @@ def diagnose(m: Measurements) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Durations (also the trainer's --time-budget)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*"
-                       r"(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hrs|hours?|d|days?)?\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in '90m', '2h', '1.5 hours', '45min', '3600s' or '3600' (bare numbers are seconds)."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"cannot read {text!r} as a duration; write e.g. 30m, 2h, 1.5h or 5400s")
-    unit = (match.group(2) or "s").lower()[0]
-    seconds = float(match.group(1)) * _UNIT_SECONDS[unit]
-    if seconds <= 0:
-        raise ValueError(f"the duration {text!r} must be greater than zero")
-    return seconds
-
-
-def duration_arg(text: str) -> float:
-    """argparse type for a duration; returns seconds."""
-    import argparse
-    try:
-        return parse_duration(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def duration_text(seconds: float) -> str:
+    """Seconds as a --time-budget value parse_duration reads back: '2h', '90m', '45s', '1.5s'."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def format_duration(hours: float) -> str:
@@ -567,31 +516,9 @@ def format_bytes(n: int | float) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # The result file
 
-REQUIRED_KEYS = ("device", "settings", "per_batch_ms", "tokens_per_second", "peak_memory_bytes",
-                 "batches_per_epoch", "epoch_seconds", "recommendations", "tier")
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write the result JSON so a reader never sees half a file."""
+    """Write a JSON object so a reader never sees half a file (benchmarks' own result files)."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def load_result(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a measure_throughput.py result, or raise UserError saying what is wrong with the file."""
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; run `python measure_throughput.py --json {path}` first") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not a readable throughput result ({err}); run measure_throughput.py "
-                        f"--json {path} again") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(result, dict) or k not in result]
-    if missing:
-        raise UserError(f"{path}: not a measure_throughput.py result (missing {', '.join(missing)})")
-    if not result["epoch_seconds"] or result["epoch_seconds"] <= 0:
-        raise UserError(f"{path}: the result has no epoch time; run measure_throughput.py again")
-    return result
 
 
 def settings_mismatches(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -607,14 +534,14 @@ def settings_mismatches(recorded: dict[str, Any], current: dict[str, Any]) -> li
 RULE = "=" * 70
 
 
-def format_stats(title: str, stats: dict[str, float]) -> list[str]:
+def format_stats(title: str, stats: MsStats) -> list[str]:
     return [f"{title}:",
-            f"  Average:     {stats['mean']:.2f} ms",
-            f"  Median:      {stats['median']:.2f} ms",
-            f"  Min:         {stats['min']:.2f} ms",
-            f"  Max:         {stats['max']:.2f} ms",
-            f"  Std Dev:     {stats['std']:.2f} ms",
-            f"  p90:         {stats['p90']:.2f} ms"]
+            f"  Average:     {stats.mean:.2f} ms",
+            f"  Median:      {stats.median:.2f} ms",
+            f"  Min:         {stats.min:.2f} ms",
+            f"  Max:         {stats.max:.2f} ms",
+            f"  Std Dev:     {stats.std:.2f} ms",
+            f"  p90:         {stats.p90:.2f} ms"]
 
 
 def format_epoch(seconds: float, batches: int, what: str) -> list[str]:
@@ -625,117 +552,116 @@ def format_epoch(seconds: float, batches: int, what: str) -> list[str]:
             f"  {seconds / 3600:.2f} hours"]
 
 
-def format_recommendations(rows: Sequence[dict[str, Any]], max_useful_epochs: int) -> list[str]:
+def format_recommendations(rows: Sequence[Recommendation], max_useful_epochs: int) -> list[str]:
     lines = ["RECOMMENDED EPOCH COUNTS", RULE, "If you have [TIME BUDGET] available:"]
     for row in rows:
-        budget = f"{format_duration(row['budget_hours']):<16} ->"
-        if row["max_batches"] is not None:
-            if row["max_batches"] == 0:
+        budget = f"{format_duration(row.budget_hours):<16} ->"
+        if row.max_batches is not None:
+            if row.max_batches == 0:
                 lines.append(f"{budget} not even one batch fits")
             else:
-                lines.append(f"{budget} part of an epoch: --epochs 1 --max-batches {row['max_batches']} "
-                             f"(~{format_hours(row['total_hours'])})")
+                lines.append(f"{budget} part of an epoch: --epochs 1 --max-batches {row.max_batches} "
+                             f"(~{format_hours(row.total_hours)})")
             continue
-        epochs = f"{row['epochs']} epoch" + ("" if row["epochs"] == 1 else "s")
-        line = f"{budget} {epochs} (~{format_hours(row['total_hours'])})"
-        if row["capped"]:
-            line += f"  * {row['fits_epochs']} fit; returns diminish after ~5-8 epochs"
+        epochs = f"{row.epochs} epoch" + ("" if row.epochs == 1 else "s")
+        line = f"{budget} {epochs} (~{format_hours(row.total_hours)})"
+        if row.capped:
+            line += f"  * {row.fits_epochs} fit; returns diminish after ~5-8 epochs"
         lines.append(line)
-    if any(row["capped"] for row in rows):
+    if any(row.capped for row in rows):
         lines.append(f"* capped at {max_useful_epochs} epochs, the useful maximum (--max-useful-epochs); "
                      f"spend the rest on a bigger model or more data")
     lines.append("Times are training steps only; evaluation and checkpoints add to them.")
     return lines
 
 
-def format_report(result: dict[str, Any]) -> str:
-    """The human-readable report of a result dict (the same object that --json writes)."""
-    device = result["device"]
+def _device_lines(result: BenchmarkResult) -> list[str]:
+    device = result.device
     lines: list[str] = []
-    if device.get("type") == "cuda":
-        lines.append(f"GPU: {device['name']}")
-        if device.get("total_memory_bytes"):
-            lines.append(f"GPU Memory: {device['total_memory_bytes'] / 2**30:.1f} GB"
-                         + (f" (this run capped at {device['memory_cap_bytes'] / 2**30:.1f} by --gpu-memory)"
-                            if device.get("memory_cap_bytes") else ""))
-        if device.get("compute_capability"):
-            lines.append(f"Compute capability: {device['compute_capability']}")
+    if device.type == "cuda":
+        lines.append(f"GPU: {device.name}")
+        if device.total_memory_bytes:
+            lines.append(f"GPU Memory: {device.total_memory_bytes / 2**30:.1f} GB"
+                         + (f" (this run capped at {device.memory_cap_bytes / 2**30:.1f} by --gpu-memory)"
+                            if device.memory_cap_bytes else ""))
+        if device.compute_capability:
+            lines.append(f"Compute capability: {device.compute_capability}")
     else:
-        threads = device.get("threads", "?")
-        lines.append(f"CPU: {device['name']} ({threads} thread{'' if threads == 1 else 's'})")
-    lines.append(f"Precision: {device['precision']}")
-    world_size = result.get("world_size", 1)
-    if world_size > 1:
-        lines.append(f"Processes: {world_size} (torchrun, {result.get('backend')}), measured together, gradient "
+        threads = device.threads if device.threads is not None else "?"
+        lines.append(f"CPU: {device.name} ({threads} thread{'' if threads == 1 else 's'})")
+    lines.append(f"Precision: {device.precision}")
+    if result.world_size > 1:
+        lines.append(f"Processes: {result.world_size} (torchrun, {result.backend}), measured together, gradient "
                      f"all-reduce included; batches and times below are per process, tokens/s of all of them")
-    data = result["data"]
-    lines.append(f"Model: {result['settings']['model_name']} ({result['model']['parameters']:,} parameters, "
-                 f"{result['model']['trainable_parameters']:,} trained)")
-    lines.append(f"Data: {data['description']}: {data['samples']} samples, {result['batches_per_epoch']} batches "
-                 f"per epoch")
-    lines.append("")
-    if result.get("interrupted"):
-        lines.append(f"INTERRUPTED: statistics of the {result['timed_batches']} batches timed so far")
-        lines.append("")
-    lines += format_stats(f"Per-Batch Time Statistics ({result['timed_batches']} timed batches after "
-                          f"{result['warmup_batches']} warm-up; data preparation included)", result["per_batch_ms"])
-    lines.append(f"  Data prep:   {result['data_ms']['mean']:.2f} ms mean ({result['data_share']:.1%} of batch time)")
-    if result.get("startup_seconds") is not None:
-        compiled = ", compiling the decoder blocks included (--compile)" if result.get("compiled") else ""
-        lines.append(f"  Start-up:    {result['startup_seconds']:.1f} s before the first timed batch (loading, "
-                     f"memory calibration, warm-up{compiled}); once per run, not per epoch")
-    lines.append("")
-    lines.append(f"Throughput: {result['tokens_per_second']:,.0f} tokens/s (real input tokens, demonstrations and "
-                 f"query, padding excluded; {result['padded_tokens_per_second']:,.0f} incl. padding)")
-    if result.get("real_token_share") is not None:
-        lines.append(f"  Real tokens: {result['real_token_share']:.1%} of the tokens computed (the rest is padding)")
-    lines.append(f"Peak memory: {format_bytes(result['peak_memory_bytes'])} ({result['peak_memory_kind']})")
-    flops = result["model_flops_per_second"]
-    if result.get("mfu") is not None:
-        lines.append(f"MFU: {result['mfu']:.1%} ({flops / 1e12:.1f} of {result['peak_flops'] / 1e12:.0f} TFLOP/s "
-                     f"{device['precision']} peak)")
+    lines.append(f"Model: {result.settings.get('model_name')} ({result.model.parameters:,} parameters, "
+                 f"{result.model.trainable_parameters:,} trained)")
+    lines.append(f"Data: {result.data.description}: {result.data.samples} samples, {result.batches_per_epoch} "
+                 f"batches per epoch")
+    return lines
+
+
+def _speed_lines(result: BenchmarkResult) -> list[str]:
+    r, precision = result, result.device.precision
+    lines = [f"Throughput: {r.tokens_per_second:,.0f} tokens/s (real input tokens, demonstrations and query, "
+             f"padding excluded; {r.padded_tokens_per_second:,.0f} incl. padding)",
+             f"  Real tokens: {r.real_token_share:.1%} of the tokens computed (the rest is padding)",
+             f"Peak memory: {format_bytes(r.peak_memory_bytes)} ({r.peak_memory_kind})"]
+    flops = r.model_flops_per_second
+    if r.mfu is not None and r.peak_flops:
+        lines.append(f"MFU: {r.mfu:.1%} ({flops / 1e12:.1f} of {r.peak_flops / 1e12:.0f} TFLOP/s {precision} peak)")
     else:
         lines.append(f"MFU: n/a (peak of this device unknown); model FLOPs achieved: {flops / 1e12:.3f} TFLOP/s")
-    if result.get("measured_matmul_flops"):
-        lines.append(f"  {result['mfu_of_measured_peak']:.1%} of this device's measured dense matmul rate "
-                     f"({result['measured_matmul_flops'] / 1e12:.2f} TFLOP/s in {device['precision']}, "
-                     f"measured here just now)")
+    if r.measured_matmul_flops:
+        lines.append(f"  {r.mfu_of_measured_peak:.1%} of this device's measured dense matmul rate "
+                     f"({r.measured_matmul_flops / 1e12:.2f} TFLOP/s in {precision}, measured here just now)")
     lines.append(f"  {FLOPS_FORMULA}")
-    lines.append(f"Longest batch of the epoch ({result['longest_batch']['rows']} x {result['longest_batch']['length']}"
-                 f" tokens): fits, first step {result['longest_batch']['ms']:.0f} ms")
-    lines.append("")
-    projection = result["epoch_projection"]
-    lines += format_epoch(result["epoch_seconds"], result["batches_per_epoch"], projection["name"])
-    error = projection["expected_error"]
+    lines.append(f"Longest batch of the epoch ({r.longest_batch.rows} x {r.longest_batch.length} tokens): fits, "
+                 f"first step {r.longest_batch.ms:.0f} ms")
+    return lines
+
+
+def _projection_lines(result: BenchmarkResult) -> list[str]:
+    projection = result.epoch_projection
+    lines = format_epoch(result.epoch_seconds, result.batches_per_epoch, projection.name)
+    error = projection.expected_error
     lines.append(f"  expected error: {'unknown' if error is None else f'±{error:.1%}'} (95%: sampling and model error, "
                  f"assuming the device keeps this speed)")
-    for kind, p in result["projections"].items():
-        mark = "  <- recommended" if kind == projection["kind"] else ""
-        err = "unknown" if p["expected_error"] is None else f"±{p['expected_error']:.1%}"
-        heldout = "" if p["heldout_rmse_ms"] is None else f", held-out error {p['heldout_rmse_ms']:.1f} ms/batch"
-        lines.append(f"  {p['name']:<40} {p['seconds']:>10.1f} s  {err}{heldout}{mark}")
-    lines.append(f"  Why: {projection['reason']}.")
-    if projection.get("extrapolated_batches"):
-        lines.append(f"  Note: {projection['extrapolated_batches']} batches of the epoch are longer than any timed "
+    for kind, p in result.projections.items():
+        mark = "  <- recommended" if kind == projection.kind else ""
+        err = "unknown" if p.expected_error is None else f"±{p.expected_error:.1%}"
+        heldout = "" if p.heldout_rmse_ms is None else f", held-out error {p.heldout_rmse_ms:.1f} ms/batch"
+        lines.append(f"  {p.name:<40} {p.seconds:>10.1f} s  {err}{heldout}{mark}")
+    lines.append(f"  Why: {projection.reason}.")
+    if projection.extrapolated_batches:
+        lines.append(f"  Note: {projection.extrapolated_batches} batches of the epoch are longer than any timed "
                      f"one; the model extrapolates there.")
-    if result.get("estimate"):
-        lines.append("")
-        lines += format_estimate(result["estimate"], result["epoch_seconds"])
-    lines.append("")
-    lines += format_recommendations(result["recommendations"], result["max_useful_epochs"])
-    lines.append("")
-    tier = result["tier"]
-    lines.append(f"Speed tier: {result['tier_label']} ({result['tier_range']}; "
-                 f"{result['per_batch_ms']['mean']:.0f} ms/batch x {result['batches_per_epoch']} batches)")
-    lines.append(f"  {result['tier_advice']}")
-    if result["diagnostics"]:
+    return lines
+
+
+def format_report(result: BenchmarkResult) -> str:
+    """The human-readable report of a result (the same object that --json writes)."""
+    r = result
+    lines = _device_lines(r) + [""]
+    if r.interrupted:
+        lines += [f"INTERRUPTED: statistics of the {r.timed_batches} batches timed so far", ""]
+    lines += format_stats(f"Per-Batch Time Statistics ({r.timed_batches} timed batches after {r.warmup_batches} "
+                          f"warm-up; data preparation included)", r.per_batch_ms)
+    lines.append(f"  Data prep:   {r.data_ms.mean:.2f} ms mean ({r.data_share:.1%} of batch time)")
+    compiled = ", compiling the decoder blocks included (--compile)" if r.compiled else ""
+    lines.append(f"  Start-up:    {r.startup_seconds:.1f} s before the first timed batch (loading, memory "
+                 f"calibration, warm-up{compiled}); once per run, not per epoch")
+    lines += [""] + _speed_lines(r) + [""] + _projection_lines(r)
+    if r.estimate is not None:
+        lines += [""] + format_estimate(r.estimate, r.epoch_seconds)
+    lines += [""] + format_recommendations(r.recommendations, r.max_useful_epochs) + [""]
+    lines.append(f"Speed tier: {r.tier_label} ({r.tier_range}; {r.per_batch_ms.mean:.0f} ms/batch x "
+                 f"{r.batches_per_epoch} batches)")
+    lines.append(f"  {r.tier_advice}")
+    if r.diagnostics:
         lines.append("Diagnostics:")
-        lines += [f"  - {d}" for d in result["diagnostics"]]
-    elif tier in ("slower", "slow"):
+        lines += [f"  - {d}" for d in r.diagnostics]
+    elif r.tier in ("slower", "slow"):
         lines.append("Diagnostics: no bottleneck stands out (data, memory, CPU, fp16 skips all normal): the model "
                      "and sample lengths cost this much; --lora-rank 16 or a smaller --max-length make it faster")
-    lines.append("")
-    lines.append("Next command:")
-    lines.append(f"  {result['next_command']}")
-    lines.append(f"  ({result['next_command_why']})")
+    lines += ["", "Next command:", f"  {r.next_command}", f"  ({r.next_command_why})"]
     return "\n".join(lines)

@@ -20,12 +20,14 @@ Precision choices (FACTS: the T4 has no native bf16, and emulated bf16 is ~4x sl
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import resource
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -423,11 +425,8 @@ def long_batch_threshold(step: TrainStep, small: data.Batch, large: data.Batch,
     """--checkpoint-long-batches auto on a GPU: the computed tokens above which a batch must recompute its
     activations to fit the card (or `memory_bytes` of it), measured on two of the epoch's own batches (both
     must fit without recomputing)."""
-    try:
+    with out_of_memory_as_user_error(step.device, "measuring memory per token on two short samples: "):
         points = [(b.input_ids.numel(), measure_step_peak(step, b)) for b in (small, large)]
-    except torch.OutOfMemoryError as exc:
-        raise UserError(f"measuring memory per token on two short samples: "
-                        f"{oom_message(step.device, exc, peak_memory_bytes(step.device))}") from None
     optimizer_state = {id(p) for p in step.optimizer.state}
     moments = sum(2 * p.numel() * p.element_size() for p in step.params if id(p) not in optimizer_state)
     total = memory_bytes or torch.cuda.get_device_properties(step.device).total_memory
@@ -437,8 +436,28 @@ def long_batch_threshold(step: TrainStep, small: data.Batch, large: data.Batch,
 # --------------------------------------------------------------------------------------- out of memory
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated memory on a CUDA device since the last reset; 0 elsewhere."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    """Peak allocated memory on a CUDA device since the last reset; on CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The CUDA caching allocator's OutOfMemoryError, or a CPU allocation failure."""
+    return (isinstance(exc, torch.OutOfMemoryError)
+            or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()))
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(device: torch.device, doing: str = "") -> Iterator[None]:
+    """The one way an out-of-memory error reaches the user: `doing` (what ran, and what to lower first) then
+    oom_message's line (where, peak memory, what to change), as a UserError."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise UserError(doing + oom_message(device, exc, peak_memory_bytes(device))) from None
 
 
 def oom_message(device: torch.device, exc: BaseException, peak_bytes: int | None = None) -> str:

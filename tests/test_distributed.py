@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distributed import (DistributedContext, duplicated_batches, merge_shards, no_sync, rank_batches,  # noqa: E402
-                         shard_batch_plan, shard_items, steps_per_epoch, unwrap_model, wrap_model)
+from distributed import (DistributedContext, no_sync, shard_batch_plan, shard_items,  # noqa: E402
+                         steps_per_epoch, unwrap_model, wrap_model)
 from errors import UserError  # noqa: E402
 
 WORLD_SIZE = 2
@@ -33,6 +33,12 @@ def samples_of(batches: list[list[int]]) -> list[int]:
     return [i for batch in batches for i in batch]
 
 
+def repeated_samples(plan: list[list[int]], world_size: int) -> int:
+    """Samples the shards of all ranks train more than once in the epoch."""
+    shards = [shard_batch_plan(plan, rank, world_size) for rank in range(world_size)]
+    return len(samples_of([batch for shard in shards for batch in shard])) - len(samples_of(plan))
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_shards_are_disjoint_cover_the_epoch_and_have_equal_step_counts(world_size: int) -> None:
     shards = [shard_batch_plan(PLAN, rank, world_size) for rank in range(world_size)]
@@ -40,7 +46,7 @@ def test_shards_are_disjoint_cover_the_epoch_and_have_equal_step_counts(world_si
     seen = [i for shard in shards for i in samples_of(shard)]
     assert sorted(seen) == sorted(samples_of(PLAN))  # every sample once, none twice
     assert all(batch for shard in shards for batch in shard)  # no empty batch to trip the step
-    assert duplicated_batches(PLAN, world_size) == 0
+    assert repeated_samples(PLAN, world_size) == 0
 
 
 @pytest.mark.parametrize("world_size", [5, 8])
@@ -49,7 +55,8 @@ def test_a_last_round_with_fewer_samples_than_ranks_repeats_the_first_batches(wo
     assert {len(shard) for shard in shards} == {steps_per_epoch(len(PLAN), world_size)}
     seen = samples_of([batch for shard in shards for batch in shard])
     assert set(seen) == set(samples_of(PLAN))
-    repeated = duplicated_batches(PLAN, world_size)
+    # the missing batches repeat the plan's first ones: fewer than world_size of them
+    repeated = next(n for n in range(world_size) if len(samples_of(PLAN[:n])) == repeated_samples(PLAN, world_size))
     assert 0 < repeated < world_size
     assert len(seen) - len(samples_of(PLAN)) == len(samples_of(PLAN[:repeated]))
 
@@ -75,14 +82,14 @@ def test_batch_size_one_remainder_repeats_at_most_world_size_minus_one_batches()
     assert {len(shard) for shard in shards} == {3}
     seen = samples_of([batch for shard in shards for batch in shard])
     assert set(seen) == set(range(10))
-    assert len(seen) - 10 == duplicated_batches(plan, 4) == 2
+    assert len(seen) - 10 == repeated_samples(plan, 4) == 2
 
 
 def test_the_guides_epoch_splits_evenly_on_two_and_eight_gpus() -> None:
     plan = [[i] for i in range(3232)]
     for world_size in (2, 8):
         shards = [shard_batch_plan(plan, r, world_size) for r in range(world_size)]
-        assert sum(len(s) for s in shards) == 3232 and duplicated_batches(plan, world_size) == 0
+        assert sum(len(s) for s in shards) == 3232 and repeated_samples(plan, world_size) == 0
 
 
 def test_bad_rank_is_a_bug_not_a_silent_empty_share() -> None:
@@ -90,10 +97,10 @@ def test_bad_rank_is_a_bug_not_a_silent_empty_share() -> None:
         shard_batch_plan(PLAN, 2, 2)
 
 
-def test_evaluation_shards_merge_back_in_order() -> None:
+def test_evaluation_shards_cover_the_items_once() -> None:
     items = list(range(7))
     parts = [shard_items(items, DistributedContext(rank=r, world_size=3)) for r in range(3)]
-    assert merge_shards(parts) == items
+    assert sorted(i for part in parts for i in part) == items
 
 
 # ---------------------------------------------------------------- one process: everything is a no-op
@@ -122,22 +129,6 @@ def test_more_local_ranks_than_gpus_is_a_user_error(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match="--nproc_per_node 1"):
         DistributedContext.from_env(torch.device("cuda"))
-
-
-def test_rank_batches_collates_this_ranks_share() -> None:
-    class FakeData:
-        def batch_plan(self, epoch: int) -> list[list[int]]:
-            return PLAN
-
-        def encoded(self, epoch: int) -> list[str]:
-            return [f"s{i}" for i in range(23)]
-
-        def collate(self, items: list[str]) -> list[str]:
-            return items
-
-    ctx = DistributedContext(rank=1, world_size=2)
-    got = list(rank_batches(FakeData(), 0, ctx, start=1))
-    assert got == [[f"s{i}" for i in batch] for batch in shard_batch_plan(PLAN, 1, 2)[1:]]
 
 
 # ---------------------------------------------------------------- a real gloo group under torchrun
@@ -229,7 +220,8 @@ def _worker(out: Path) -> None:
         result["any_true"] = ctx.any_true(ctx.rank == 1)
         result["broadcast"] = ctx.broadcast_object(f"from rank {ctx.rank}")
         result["gathered"] = ctx.gather_objects({"rank": ctx.rank})
-        result["eval_merged"] = merge_shards(ctx.gather_objects(shard_items(list(range(5)), ctx)))
+        result["eval_merged"] = sorted(i for part in ctx.gather_objects(shard_items(list(range(5)), ctx))
+                                       for i in part)
         ctx.print("printed once by the main rank")
         ctx.barrier()
         (out / f"rank{ctx.rank}.json").write_text(json.dumps(result))

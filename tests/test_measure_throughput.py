@@ -17,6 +17,7 @@ import torch
 import cli_common
 import measure_throughput as mt
 import run_setup
+import trainloop_gpu_finetuned as trainloop
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,14 +159,29 @@ def test_trainer_flags_repeat_every_non_default_shared_setting(tasks_dir):
     argv = ["--data", str(tasks_dir), "--model-name", "tiny", "--device", "cpu", "--batch-size", "4",
             "--max-length", "2048", "--no-augment", "--seed", "7", "--lora-rank", "8", "--gradient-checkpointing",
             "--precision", "fp32", "--lr", "0.0003", "--grad-accum", "2", "--num-batches", "9",
-            "--checkpoint-long-batches", "3000"]
+            "--checkpoint-long-batches", "3000", "--eval-tasks", "5", "--eval-every", "20", "--eval-batch-size", "4",
+            "--eval-attempts", "2", "--eval-data", "arc-agi-1", "--save-every", "50", "--keep-checkpoints", "3",
+            "--time-budget", "2h"]
     args = mt.parse_args(argv)
     flags = mt.trainer_flags(args)
-    assert "--num-batches" not in flags and "--warmup-steps" not in flags
+    assert "--num-batches" not in flags and "--warmup-steps" not in flags and "--time-budget" not in flags
     again = mt.parse_args(flags)
     cpu = {"name": "cpu"}
     assert cli_common.speed_settings(again, cpu, "fp32") == cli_common.speed_settings(args, cpu, "fp32")
     assert (again.seed, again.lr) == (7, 0.0003)
+    # the evaluation and checkpoint flags mean the same in both scripts, and the next command repeats them
+    shared = ("eval_tasks", "eval_every", "eval_batch_size", "eval_attempts", "eval_data", "save_every",
+              "keep_checkpoints")
+    assert [getattr(again, k) for k in shared] == [5, 20, 4, 2, "arc-agi-1", 50, 3]
+    trainer_args, _ = trainloop.parse_args(flags)
+    assert [getattr(trainer_args, k) for k in shared] == [5, 20, 4, 2, "arc-agi-1", 50, 3]
+
+
+def test_a_time_budget_needs_a_unit_in_the_benchmark_too():
+    with pytest.raises(UserError, match="'2' needs a unit: write e.g. 2s, 2m or 2h"):
+        mt.parse_args(["--time-budget", "2"])
+    with pytest.raises(UserError, match="unrecognized arguments: --num-batch"):
+        mt.parse_args(["--num-batch", "5"])   # no abbreviations
 
 
 def test_long_batches_recompute_above_the_given_limit_and_auto_is_off_on_cpu(tasks_dir, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -11,8 +12,8 @@ import pytest
 from errors import UserError
 from throughput_report import (
     BatchShape, CostModel, Measurements, Stats, TIER_LIMITS_SECONDS, cross_validated_rmse, diagnose,
-    fixed_cost_share, format_recommendations, load_result, parse_duration, duration_arg, peak_flops, project_epoch,
-    recommend_for_budget, recommendations, settings_mismatches, speed_tier, write_json_atomic,
+    fixed_cost_share, format_recommendations, parse_duration, duration_arg, peak_flops, project_epoch,
+    recommend_for_budget, recommendations, settings_mismatches, speed_tier,
 )
 
 
@@ -23,7 +24,7 @@ def test_stats_of_known_values():
     assert (stats.min, stats.max) == (1.0, 10.0)
     assert stats.std == pytest.approx(np.std([1, 2, 3, 4, 10], ddof=1))
     assert stats.p90 == pytest.approx(7.6)
-    assert set(stats.as_json()) == {"mean", "median", "min", "max", "std", "p90"}
+    assert set(dataclasses.asdict(stats.as_ms_stats())) == {"mean", "median", "min", "max", "std", "p90"}
     assert Stats.of([5.0]).std == 0.0
     with pytest.raises(ValueError):
         Stats.of([])
@@ -64,7 +65,7 @@ def test_recommendation_floor_exact_boundary_and_partial_epoch():
 
 
 def test_recommendation_table_text_marks_caps_and_partial_epochs():
-    rows = [vars(r) for r in recommendations(1000.0, 100, budgets_hours=(0.1, 1, 12))]
+    rows = recommendations(1000.0, 100, budgets_hours=(0.1, 1, 12))
     text = "\n".join(format_recommendations(rows, 10))
     assert "RECOMMENDED EPOCH COUNTS" in text
     assert "6 minutes        -> part of an epoch: --epochs 1 --max-batches 36" in text
@@ -190,12 +191,12 @@ def test_fixed_cost_share_is_reported_even_when_time_ignores_length():
 
 
 @pytest.mark.parametrize("text, seconds", [("2h", 7200), ("30m", 1800), ("1.5 hours", 5400), ("45min", 2700),
-                                           ("3600", 3600), ("90s", 90), ("1d", 86400), ("0.5h", 1800)])
+                                           ("3600s", 3600), ("90s", 90), ("1d", 86400), ("0.5h", 1800)])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "two hours", "-1h", "0", "5 weeks"])
+@pytest.mark.parametrize("text", ["", "two hours", "-1h", "0", "5 weeks", "3600", "0s"])
 def test_parse_duration_rejects_nonsense(text):
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -203,23 +204,9 @@ def test_parse_duration_rejects_nonsense(text):
         duration_arg(text)
 
 
-def test_result_file_round_trip_and_errors(tmp_path):
-    path = tmp_path / "sub" / "result.json"
-    result = {"device": {"name": "cpu"}, "settings": {"device": "cpu", "batch_size": 1},
-              "per_batch_ms": {"mean": 1.0}, "tokens_per_second": 10.0, "peak_memory_bytes": 1,
-              "batches_per_epoch": 3, "epoch_seconds": 0.003, "recommendations": [], "tier": "fast"}
-    write_json_atomic(path, result)
-    assert load_result(path) == result
-    assert [p.name for p in path.parent.iterdir()] == ["result.json"]   # no temporary left behind
-
-    with pytest.raises(UserError, match="no such file"):
-        load_result(tmp_path / "missing.json")
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(UserError, match="not a readable throughput result"):
-        load_result(tmp_path / "bad.json")
-    (tmp_path / "other.json").write_text(json.dumps({"device": "cpu"}))
-    with pytest.raises(UserError, match="missing settings"):
-        load_result(tmp_path / "other.json")
+def test_a_bare_number_is_refused_with_the_units_to_write():
+    with pytest.raises(ValueError, match=r"'90' needs a unit: write e.g. 90s, 90m or 90h"):
+        parse_duration("90")
 
 
 def test_settings_mismatches_names_each_difference():

@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 
 import checkpointing
+import run_monitor
+import run_plan
 import trainloop_gpu_finetuned as trainloop
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPING = np.array([3, 7, 1, 9, 0, 2, 8, 5, 4, 6])
@@ -51,7 +54,7 @@ def tiny(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def records(run: Path, kind: str) -> list[dict]:
-    return [r for r in trainloop.read_metrics(run / trainloop.METRICS_FILE) if r["kind"] == kind]
+    return [r for r in run_monitor.read_metrics(run / run_plan.METRICS_FILE) if r["kind"] == kind]
 
 
 def losses(run: Path, after_step: int = 0) -> list[float]:
@@ -102,7 +105,7 @@ def test_rank_zero_alone_writes_and_the_ranks_share_each_epoch(two_process_run):
     meta = checkpointing.read_meta(checkpointing.latest_checkpoint(folder / "two" / "checkpoints"))
     assert meta["world_size"] == 2
     assert (folder / "two" / "model" / "config.json").is_file()
-    assert (folder / "two" / trainloop.PLOT_FILE).is_file()
+    assert (folder / "two" / run_plan.PLOT_FILE).is_file()
 
 
 def test_checkpoints_resume_exactly_under_torchrun(two_process_run):
@@ -127,7 +130,7 @@ def test_checkpoints_resume_exactly_under_torchrun(two_process_run):
 
 def test_resume_with_another_number_of_processes_is_refused(two_process_run, capsys):
     folder, _, _ = two_process_run
-    with pytest.raises(trainloop.UserError, match="trained by 2 processes.*torchrun --nproc_per_node 2"):
+    with pytest.raises(UserError, match="trained by 2 processes.*torchrun --nproc_per_node 2"):
         trainloop.main(["--resume", str(folder / "two"), "--model-name", "tiny", "--output-dir", str(folder / "other")])
 
 

@@ -2,15 +2,16 @@
 
 End to end: metrics, checkpoints, plot and final model; exact resume (whole epoch and mid-epoch); Ctrl-C
 leaves a loadable checkpoint; --time-budget; --epochs auto against a benchmark JSON; clear one-line errors;
-non-finite losses and out-of-memory. Units: the ETA model, the slowdown warning, the progress bar's look,
-metrics restore and the plot. And one test that the loop learns: held-out tasks solved exactly.
+non-finite losses and out-of-memory; resumed settings. (The units the loop is built from are tested in
+test_run_monitor.py, test_run_plan.py and test_stopping.py.) And one test that the loop learns: held-out tasks
+solved exactly.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,11 +23,14 @@ import pytest
 import torch
 
 import checkpointing
-import throughput_report
+import run_monitor
+import run_plan
 import trainloop_gpu_finetuned as trainloop
 import training
+from benchmark_result import DeviceInfo, MsStats, Recommendation
 from cli_common import speed_settings
 from errors import UserError
+from result_examples import example_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "trainloop_gpu_finetuned.py"
@@ -57,7 +61,7 @@ def run_main(argv: list[str]) -> int:
 
 
 def records(run: Path, kind: str | None = None) -> list[dict]:
-    lines = trainloop.read_metrics(run / trainloop.METRICS_FILE)
+    lines = run_monitor.read_metrics(run / run_plan.METRICS_FILE)
     return [r for r in lines if kind is None or r["kind"] == kind]
 
 
@@ -162,7 +166,7 @@ def test_ctrl_c_saves_a_loadable_checkpoint_and_says_how_to_resume(tmp_path):
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(trainloop.read_metrics(metrics)) < 3:
+    while time.monotonic() < deadline and len(run_monitor.read_metrics(metrics)) < 3:
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
@@ -194,13 +198,14 @@ def _benchmark(tmp_path: Path, argv: list[str], batches: int, **changes) -> Path
     args, _ = trainloop.parse_args(argv)
     settings = speed_settings(args, training.describe_device(torch.device("cpu")), "fp32")
     settings.update(changes)
-    result = {"device": {"type": "cpu", "name": settings["device"], "precision": "fp32"}, "settings": settings,
-              "per_batch_ms": {"mean": 10.0}, "tokens_per_second": 1000.0, "peak_memory_bytes": 0,
-              "batches_per_epoch": batches, "epoch_seconds": 600.0, "max_useful_epochs": 10, "tier": "fast",
-              "recommendations": [{"budget_hours": 0.5, "epochs": 3, "total_hours": 0.5, "fits_epochs": 3,
-                                   "capped": False, "max_batches": None}]}
+    result = example_result(
+        settings=settings, device=DeviceInfo(type="cpu", name=settings["device"], precision="fp32"),
+        per_batch_ms=MsStats(10.0, 10.0, 10.0, 10.0, 0.0, 10.0), tokens_per_second=1000.0, peak_memory_bytes=0,
+        batches_per_epoch=batches, epoch_seconds=600.0, max_useful_epochs=10, tier="fast",
+        recommendations=(Recommendation(budget_hours=0.5, epochs=3, total_hours=0.5, fits_epochs=3, capped=False,
+                                        max_batches=None),))
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(result))
+    result.write(path)
     return path
 
 
@@ -213,25 +218,30 @@ def test_epochs_auto_takes_the_benchmark_recommendation(tmp_path, capsys):
     assert len(records(tmp_path / "run", "epoch")) == 3
 
 
+def test_the_checkpoint_records_the_plan_and_a_resume_reads_it_back(tmp_path, capsys):
+    """--epochs auto stays 'auto' in the run's flags; the plan it resolved to (3 epochs of 2 batches) is what
+    the checkpoint records and what a resume continues."""
+    argv = tiny_args(tmp_path, "run", "--epochs", "auto", "--time-budget", "30m", "--max-batches", "2")
+    argv += ["--throughput-json", str(_benchmark(tmp_path, argv, batches=12))]
+    assert run_main(argv) == 0
+    first = checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    meta = checkpointing.read_meta(first)
+    assert meta["args"]["epochs"] == "auto" and meta["args"]["time_budget"] == 1800.0
+    assert meta["plan"] == {"epochs": 3, "max_batches": 2, "epoch_batches": [2, 2, 2], "total_steps": 6,
+                            "output_dir": str(tmp_path / "run")}
+    assert trainloop.resumed_settings(meta)["epochs"] == 3
+    (tmp_path / "results.json").unlink()   # the resume needs neither the benchmark nor --epochs auto again
+    assert run_main(["--resume", str(first), "--model-name", "tiny", "--output-dir", str(tmp_path / "again")]) == 0
+    assert [r["epoch"] for r in records(tmp_path / "again", "epoch")] == [0, 1, 2]
+    capsys.readouterr()
+
+
 def test_epochs_auto_refuses_a_benchmark_of_other_settings(tmp_path):
     argv = tiny_args(tmp_path, "run", "--epochs", "auto", "--time-budget", "2h")
     argv += ["--throughput-json", str(_benchmark(tmp_path, argv, batches=12, batch_size=4, device="Tesla T4"))]
     with pytest.raises(UserError, match=r"other settings.*device: benchmark 'Tesla T4'.*batch_size: benchmark 4, "
                                         r"this run 1"):
         run_main(argv)
-
-
-def test_epochs_from_benchmark_rules():
-    current = {"device": "T4", "batch_size": 1}
-    result = {"settings": dict(current), "batches_per_epoch": 3232, "epoch_seconds": 1686.4, "max_useful_epochs": 10,
-              "recommendations": [{"budget_hours": 2.0, "epochs": 4, "total_hours": 1.87, "fits_epochs": 4,
-                                   "capped": False, "max_batches": None}]}
-    assert trainloop.epochs_from_benchmark(result, "r.json", 7200, current, 3232)[:2] == (4, None)
-    assert trainloop.epochs_from_benchmark(result, "r.json", 3 * 3600, current, 3232)[:2] == (6, None)  # not listed
-    epochs, max_batches, why = trainloop.epochs_from_benchmark(result, "r.json", 900, current, 3232)
-    assert epochs == 1 and max_batches == 1724 and "a whole epoch does not fit" in why  # 15 min of a 28 min epoch
-    with pytest.raises(UserError, match="batches per epoch: benchmark 3232, this run 100"):
-        trainloop.epochs_from_benchmark(result, "r.json", 7200, current, 100)
 
 
 # ----------------------------------------------------------------------------------- errors and stops
@@ -247,13 +257,27 @@ def test_bad_flags_are_reported_together(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, expected", [("--time-budget", "2 weeks", "cannot read '2 weeks' as a duration"),
+                                                   ("--time-budget", "7200", "'7200' needs a unit"),
                                                    ("--epochs", "0", "must be at least 1"),
                                                    ("--eval-attempts", "3", "invalid choice"),
-                                                   ("--eval-batch-size", "0", "must be at least 1")])
-def test_bad_values_are_argparse_errors(tmp_path, capsys, flag, value, expected):
-    with pytest.raises(SystemExit) as exit_info:
+                                                   ("--eval-batch-size", "0", "must be at least 1"),
+                                                   ("--epoch", "1", "unrecognized arguments: --epoch")])
+def test_bad_values_are_one_line_flag_errors(tmp_path, capsys, flag, value, expected):
+    """The shared parser: a bad flag is a UserError (one line, exit 2 through run_cli), not a usage block;
+    no abbreviations, so --epoch is not taken for --epochs."""
+    with pytest.raises(UserError) as err:
         run_main(tiny_args(tmp_path, "run", flag, value))
-    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    assert expected in str(err.value) and "\n" not in str(err.value) and "see --help" in str(err.value)
+
+
+def test_help_shows_the_defaults_and_no_stale_references(capsys):
+    with pytest.raises(SystemExit):
+        trainloop.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--epochs", 1), ("--batch-size", 1), ("--seed", 0), ("--grad-accum", 1),
+                          ("--weight-decay", 0.0), ("--max-grad-norm", 1.0), ("--eval-every", 0)):
+        assert re.search(rf"{flag} [A-Z_]+ .*?\(default: {default}\)", text), flag
+    assert "epochs-guide.md" not in text and "STOP_CHECK_SECONDS" not in text
 
 
 def test_bad_data_is_one_line_on_stderr_and_exit_2(tmp_path):
@@ -300,111 +324,6 @@ def test_out_of_memory_is_one_clear_error(tmp_path, monkeypatch):
         run_main(tiny_args(tmp_path, "run", "--epochs", "1"))
 
 
-# ---------------------------------------------------------------------------------------------- units
-
-def test_step_time_model_recovers_overhead_and_per_token_cost():
-    model = trainloop.StepTimeModel()
-    rng = np.random.default_rng(0)
-    for tokens in rng.integers(100, 8000, 200):
-        model.add(int(tokens), 0.05 + 2e-5 * tokens)
-    a, b = model.coefficients()
-    assert a == pytest.approx(0.05, rel=1e-6) and b == pytest.approx(2e-5, rel=1e-6)
-    constant = trainloop.StepTimeModel()
-    for _ in range(10):
-        constant.add(4096, 0.3)  # packed rows: every batch the same size
-    assert constant.predict(10, 40960) == pytest.approx(3.0)
-
-
-def test_eta_from_tokens_does_not_swing_with_sample_length():
-    """ARC-like lengths (log-normal, ~100x spread): after 5% of the epoch the token-based ETA stays within
-    10% of the truth, while 'remaining batches x mean batch time so far' (tqdm's way) strays further."""
-    rng = np.random.default_rng(1)
-    lengths = np.clip(rng.lognormal(np.log(750), 0.8, 3232), 60, 7500).astype(int)
-    seconds = 0.02 + 6e-5 * lengths
-    model, worst_tokens, worst_batches = trainloop.StepTimeModel(), 0.0, 0.0
-    for i, (tokens, step) in enumerate(zip(lengths, seconds)):
-        model.add(int(tokens), float(step))
-        if i >= 160:
-            truth = seconds[i + 1:].sum()
-            if truth > 60:
-                eta = model.predict(len(lengths) - i - 1, int(lengths[i + 1:].sum()))
-                naive = seconds[:i + 1].mean() * (len(lengths) - i - 1)
-                worst_tokens = max(worst_tokens, abs(eta / truth - 1))
-                worst_batches = max(worst_batches, abs(naive / truth - 1))
-    assert worst_tokens < 0.10 and worst_batches > 2 * worst_tokens
-
-
-def test_slowdown_is_reported_once():
-    shape = throughput_report.BatchShape(1, 1000, 1000)
-    timing, monitor = trainloop.StepTimeModel(), trainloop.SlowdownMonitor()
-    warnings = []
-    for i in range(400):
-        slow = 2.0 if i >= 250 else 1.0
-        tokens = 500 + (i * 37) % 1000  # lengths vary: longer samples alone must not warn
-        seconds = slow * (0.01 + 1e-5 * tokens)
-        timing.add(tokens, seconds)
-        monitor.add(tokens, shape, seconds, timing)
-        if i % 25 == 0:
-            warnings += monitor.check()
-            assert not warnings or i > 250
-    assert len(warnings) == 1 and "2.0x slower than early in this run" in warnings[0]
-
-
-def test_slower_than_the_benchmark_is_reported_for_the_same_batch_shapes():
-    """The benchmark's cost model (ms = 5 + 10 per 1k padded tokens) predicts each batch; a run of long batches
-    at that speed is fine, the same batches 1.5x slower warn once."""
-    model = throughput_report.CostModel("linear", (5.0, 10.0))
-    for factor, expected in ((1.0, 0), (1.5, 1)):
-        timing, monitor, warnings = trainloop.StepTimeModel(), trainloop.SlowdownMonitor(model), []
-        for i in range(200):
-            length = 200 if i < 100 else 4000
-            seconds = factor * (5 + 10 * length / 1000) / 1000
-            timing.add(length, seconds)
-            monitor.add(length, throughput_report.BatchShape(1, length, length), seconds, timing)
-            if i % 20 == 0:
-                warnings += monitor.check()
-        assert len(warnings) == expected
-    assert "1.50x as long as measure_throughput.py measured" in warnings[0]
-
-
-def test_benchmark_cost_model_from_the_json():
-    result = {"epoch_projection": {"kind": "quadratic"},
-              "projections": {"quadratic": {"coefficients": [5.0, 14.0, 14.0]}}}
-    model = trainloop.benchmark_cost_model(result)
-    assert model.predict([throughput_report.BatchShape(1, 1000, 1000)])[0] == pytest.approx(33.0)
-    assert trainloop.benchmark_cost_model({"epoch_projection": {}}) is None
-
-
-def test_progress_bar_looks_like_the_guide():
-    stream = io.StringIO()
-    bar = trainloop.EpochBar(total=3232, initial=807, desc="Epoch 0 Training", file=stream, ncols=100)
-    bar.eta_seconds = 20 * 60 + 15
-    bar.stats = "loss: 0.4521, 2,345 tok/s"
-    bar.refresh()
-    text = stream.getvalue()
-    assert "Epoch 0 Training:  25%|" in text and "| 807/3232 [00:00<20:15] loss: 0.4521, 2,345 tok/s" in text
-
-
-def test_metrics_restore_keeps_history_up_to_the_checkpoint(tmp_path):
-    source = tmp_path / "old.jsonl"
-    source.write_text("".join(json.dumps({"kind": "step", "step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
-                      + '{"kind": "step", "st')  # a line cut short by a crash
-    log = trainloop.MetricsLog(tmp_path / "metrics.jsonl")
-    log.restore(source, up_to_step=3)
-    log.write({"kind": "step", "step": 4, "loss": 0.5})
-    assert [(r["step"], r["loss"]) for r in log.records()] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)]
-
-
-def test_plot_draws_loss_and_eval_accuracy(tmp_path):
-    lines = [{"kind": "step", "epoch": e, "step": 4 * e + b, "batch": b, "batches": 4, "loss": 2.0 / (1 + 4 * e + b)}
-             for e in range(3) for b in range(1, 5)]
-    lines += [{"kind": "epoch", "epoch": e, "step": 4 * e + 4, "batch": 4, "batches": 4, "loss": 1.0 / (e + 1),
-               "eval_accuracy": 0.2 * e, "eval_task_accuracy": 0.1 * e} for e in range(3)]
-    path = trainloop.plot_metrics(lines, tmp_path / "curves.png")
-    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
-    assert trainloop.plot_metrics([], tmp_path / "none.png") is None
-
-
 # ---------------------------------------------------------------------------------------------- learning
 
 @pytest.mark.slow
@@ -440,9 +359,10 @@ def test_resume_keeps_the_run_settings_not_given_again():
     assert explicit == {"resume", "epochs", "eval_tasks"}
     saved = {"epochs": 2, "lr": 3e-3, "batch_size": 8, "eval_tasks": 20, "output_dir": "runs/a", "resume": None,
              "throughput_json": "/nonexistent/results.json"}
-    notes = trainloop.merge_resumed_args(args, explicit, saved)
-    assert (args.epochs, args.lr, args.batch_size, args.eval_tasks) == (4, 3e-3, 8, 7)
-    assert args.throughput_json is None and args.resume == ""
+    settings, notes = trainloop.merge_resumed_args(args, explicit, saved)
+    assert (settings.epochs, settings.lr, settings.batch_size, settings.eval_tasks) == (4, 3e-3, 8, 7)
+    assert settings.throughput_json is None and settings.resume == ""
+    assert (args.lr, args.batch_size) == (1e-4, 1)  # the command line's own flags stay as given
     assert notes == ["--epochs changed from 2 to 4: the learning-rate schedule is stretched to the new length "
                      "from here on"]
 
@@ -457,8 +377,8 @@ def test_a_tampered_checkpoint_cannot_turn_on_remote_code_or_swap_the_model(tmp_
     meta["args"].update(trust_remote_code=True, random_init=False)
     meta_file.write_text(json.dumps(meta))
     args, explicit = trainloop.parse_args(["--resume", str(checkpoint), "--model-name", "tiny"])
-    trainloop.merge_resumed_args(args, explicit, meta["args"])
-    assert args.trust_remote_code is False and args.model_name == "tiny"
+    settings, _ = trainloop.merge_resumed_args(args, explicit, meta["args"])
+    assert settings.trust_remote_code is False and settings.model_name == "tiny"
     meta["args"].update(model_name="attacker/model")
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"--model-name 'attacker/model' and this command loads 'tiny'"):

@@ -1,0 +1,227 @@
+"""Watching a run: the step-time fit behind the ETA, slowdown warnings, the progress bar, and metrics.jsonl
+with its plot. No model, no data: each piece is unit-tested on made-up step times and records.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+import throughput_report
+from atomic_io import write_text_atomic
+
+SLOWDOWN_FACTOR = 1.5         # steps this much slower than early in the run -> warn (once)
+BENCHMARK_SLOWDOWN = 1.25     # epoch projected this much longer than measure_throughput.py said -> warn (once)
+REFERENCE_STEPS = 100         # steps (after the first) that define "early in the run"
+WINDOW_STEPS = 50             # recent steps compared against that reference
+
+
+class StepTimeModel:
+    """Step seconds ~ a + b x tokens, least squares over recent steps (older ones fade with `decay`).
+
+    ARC samples vary ~100x in length, so 'remaining batches x mean batch time' swings with whichever samples
+    came last; remaining steps and tokens through this fit does not. The fixed part `a` (optimizer step,
+    launch overhead) matters at batch size 1.
+    """
+
+    def __init__(self, decay: float = 1 - 1 / 500):
+        self.decay = decay
+        self.n = self.t = self.tt = self.y = self.ty = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self.n = self.n * d + 1
+        self.t = self.t * d + tokens
+        self.tt = self.tt * d + tokens * tokens
+        self.y = self.y * d + seconds
+        self.ty = self.ty * d + tokens * seconds
+
+    def coefficients(self) -> tuple[float, float] | None:
+        """(seconds per step, seconds per token), or None before three steps were seen."""
+        if self.n < 3 or self.t <= 0:
+            return None
+        det = self.n * self.tt - self.t * self.t
+        if det > 1e-9 * self.n * self.tt:
+            b = (self.n * self.ty - self.t * self.y) / det
+            a = (self.y - b * self.t) / self.n
+            if a >= 0 and b >= 0:
+                return a, b
+            if b < 0:  # time does not grow with length here (noise, or a fixed-size packed row)
+                return self.y / self.n, 0.0
+        return 0.0, self.y / self.t
+
+    def predict(self, steps: int, tokens: int) -> float | None:
+        coefficients = self.coefficients()
+        if coefficients is None:
+            return None
+        return coefficients[0] * steps + coefficients[1] * tokens
+
+
+class SlowdownMonitor:
+    """Says once when steps become markedly slower than early in this run, and once when they are markedly
+    slower than measure_throughput.py measured (the guide: 'if times get slower, something may be degrading').
+
+    Both compare the same batches: the last WINDOW_STEPS steps' wall time against what the reference predicts
+    for exactly those batches (the fit of this run's first REFERENCE_STEPS steps; the benchmark's own cost
+    model, from its JSON, for their shapes), so a run of long samples is not mistaken for a slowdown.
+    """
+
+    def __init__(self, benchmark_model: throughput_report.CostModel | None = None):
+        self.reference: tuple[float, float] | None = None
+        self.benchmark_model = benchmark_model
+        self.window: deque[tuple[int, float, float]] = deque(maxlen=WINDOW_STEPS)
+        self.steps = 0
+        self.slow_checks = {"run": 0, "benchmark": 0}
+        self.warned: set[str] = set()
+
+    def add(self, tokens: int, shape: throughput_report.BatchShape, seconds: float, timing: StepTimeModel) -> None:
+        self.steps += 1
+        benchmark = float(self.benchmark_model.predict([shape])[0]) / 1000 if self.benchmark_model else 0.0
+        self.window.append((tokens, seconds, benchmark))
+        if self.reference is None and self.steps >= REFERENCE_STEPS:
+            self.reference = timing.coefficients()
+
+    def check(self) -> list[str]:
+        """Warnings due now (each kind at most once per run); call at log steps."""
+        if len(self.window) < WINDOW_STEPS:
+            return []
+        actual = sum(seconds for _, seconds, _ in self.window)
+        warnings = []
+        if self.reference is not None:
+            a, b = self.reference
+            ratio = actual / max(1e-9, sum(a + b * tokens for tokens, _, _ in self.window))
+            if self._slow_twice("run", ratio > SLOWDOWN_FACTOR):
+                warnings.append(f"steps are now {ratio:.1f}x slower than early in this run for the same sample "
+                                f"lengths; something may be degrading (memory pressure, thermal throttling, "
+                                f"another process: check nvidia-smi)")
+        if self.benchmark_model is not None:
+            expected = sum(benchmark for _, _, benchmark in self.window)
+            ratio = actual / max(1e-9, expected)
+            if self._slow_twice("benchmark", ratio > BENCHMARK_SLOWDOWN):
+                warnings.append(f"steps take {ratio:.2f}x as long as measure_throughput.py measured for batches of "
+                                f"these shapes ({1000 * actual / len(self.window):.0f} ms against "
+                                f"{1000 * expected / len(self.window):.0f} ms per batch, last {len(self.window)} "
+                                f"batches); check nvidia-smi for memory pressure or another process")
+        return warnings
+
+    def _slow_twice(self, kind: str, slow: bool) -> bool:
+        """True the first time `slow` holds at two checks in a row (one slow window may be a pause)."""
+        self.slow_checks[kind] = self.slow_checks[kind] + 1 if slow else 0
+        if self.slow_checks[kind] >= 2 and kind not in self.warned:
+            self.warned.add(kind)
+            return True
+        return False
+
+
+
+class EpochBar(tqdm):
+    """tqdm with the guide's look and an ETA from remaining tokens (`eta_seconds`, set by the loop):
+    `Epoch 0 Training:  25%|██▌       | 807/3232 [06:45<20:15] loss: 0.4521, 2,345 tok/s`."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{token_eta}]{stats}"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.eta_seconds: float | None = None
+        self.stats = ""
+        super().__init__(*args, bar_format=self.FORMAT, **kwargs)
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        values = super().format_dict
+        eta = getattr(self, "eta_seconds", None)
+        values["token_eta"] = "?" if eta is None else tqdm.format_interval(eta)
+        values["stats"] = f" {self.stats}" if getattr(self, "stats", "") else ""
+        return values
+
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed as it happens. Only rank 0 of a
+    torchrun group writes (`enabled`); the other ranks' writes are no-ops."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def restore(self, source: Path, up_to_step: int) -> None:
+        """Start from `source`'s lines up to the resumed checkpoint's step (later ones are redone)."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_metrics(source) if r.get("step", 0) <= up_to_step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (a line cut short by a crash is skipped)."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Loss and eval accuracy against epochs (fractional: epoch + batches done / batches), as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    def position(r: dict[str, Any]) -> float:
+        return r["epoch"] + r.get("batch", r["batches"]) / max(1, r["batches"])
+
+    steps = [r for r in records if r.get("kind") == "step" and math.isfinite(r.get("loss", math.nan))]
+    epochs = [r for r in records if r.get("kind") == "epoch" and math.isfinite(r.get("loss", math.nan))]
+    evals = [r for r in records if r.get("eval_accuracy") is not None]
+    if not steps and not epochs:
+        return None
+    figure = Figure(figsize=(8, 6.5), layout="constrained")
+    loss_axes, eval_axes = figure.subplots(2, 1, sharex=True)
+    if steps:
+        loss_axes.plot([position(r) for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6,
+                       label="training loss (log interval mean)")
+    if epochs:
+        loss_axes.plot([r["epoch"] + 1 for r in epochs], [r["loss"] for r in epochs], "o-", label="epoch mean")
+    loss_axes.set_ylabel("loss (cross-entropy on output grids)")
+    loss_axes.legend(loc="upper right")
+    loss_axes.grid(alpha=0.3)
+    if evals:
+        attempts = evals[-1].get("eval_attempts", 1)
+        eval_axes.plot([position(r) for r in evals], [100 * r["eval_accuracy"] for r in evals], "o-",
+                       label=f"test inputs (pass@{attempts})")
+        eval_axes.plot([position(r) for r in evals], [100 * r["eval_task_accuracy"] for r in evals], "s--",
+                       label="tasks (all test inputs right)")
+        eval_axes.legend(loc="lower right")
+    else:
+        eval_axes.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=eval_axes.transAxes)
+    eval_axes.set_ylabel("exact match (%)")
+    eval_axes.set_xlabel("epoch")
+    eval_axes.set_ylim(-2, 102)
+    eval_axes.grid(alpha=0.3)
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+    return path
+
+
+
+
+def clock(seconds: float) -> str:
+    """Seconds as H:MM:SS, how the console shows durations."""
+    return str(timedelta(seconds=round(seconds)))

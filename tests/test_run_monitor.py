@@ -1,0 +1,106 @@
+"""run_monitor: the step-time fit behind the ETA, slowdown warnings, the progress bar, metrics and the plot."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+import run_monitor
+import throughput_report
+
+
+def test_step_time_model_recovers_overhead_and_per_token_cost():
+    model = run_monitor.StepTimeModel()
+    rng = np.random.default_rng(0)
+    for tokens in rng.integers(100, 8000, 200):
+        model.add(int(tokens), 0.05 + 2e-5 * tokens)
+    a, b = model.coefficients()
+    assert a == pytest.approx(0.05, rel=1e-6) and b == pytest.approx(2e-5, rel=1e-6)
+    constant = run_monitor.StepTimeModel()
+    for _ in range(10):
+        constant.add(4096, 0.3)  # packed rows: every batch the same size
+    assert constant.predict(10, 40960) == pytest.approx(3.0)
+
+
+def test_eta_from_tokens_does_not_swing_with_sample_length():
+    """ARC-like lengths (log-normal, ~100x spread): after 5% of the epoch the token-based ETA stays within
+    10% of the truth, while 'remaining batches x mean batch time so far' (tqdm's way) strays further."""
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(np.log(750), 0.8, 3232), 60, 7500).astype(int)
+    seconds = 0.02 + 6e-5 * lengths
+    model, worst_tokens, worst_batches = run_monitor.StepTimeModel(), 0.0, 0.0
+    for i, (tokens, step) in enumerate(zip(lengths, seconds)):
+        model.add(int(tokens), float(step))
+        if i >= 160:
+            truth = seconds[i + 1:].sum()
+            if truth > 60:
+                eta = model.predict(len(lengths) - i - 1, int(lengths[i + 1:].sum()))
+                naive = seconds[:i + 1].mean() * (len(lengths) - i - 1)
+                worst_tokens = max(worst_tokens, abs(eta / truth - 1))
+                worst_batches = max(worst_batches, abs(naive / truth - 1))
+    assert worst_tokens < 0.10 and worst_batches > 2 * worst_tokens
+
+
+def test_slowdown_is_reported_once():
+    shape = throughput_report.BatchShape(1, 1000, 1000)
+    timing, monitor = run_monitor.StepTimeModel(), run_monitor.SlowdownMonitor()
+    warnings = []
+    for i in range(400):
+        slow = 2.0 if i >= 250 else 1.0
+        tokens = 500 + (i * 37) % 1000  # lengths vary: longer samples alone must not warn
+        seconds = slow * (0.01 + 1e-5 * tokens)
+        timing.add(tokens, seconds)
+        monitor.add(tokens, shape, seconds, timing)
+        if i % 25 == 0:
+            warnings += monitor.check()
+            assert not warnings or i > 250
+    assert len(warnings) == 1 and "2.0x slower than early in this run" in warnings[0]
+
+
+def test_slower_than_the_benchmark_is_reported_for_the_same_batch_shapes():
+    """The benchmark's cost model (ms = 5 + 10 per 1k padded tokens) predicts each batch; a run of long batches
+    at that speed is fine, the same batches 1.5x slower warn once."""
+    model = throughput_report.CostModel("linear", (5.0, 10.0))
+    for factor, expected in ((1.0, 0), (1.5, 1)):
+        timing, monitor, warnings = run_monitor.StepTimeModel(), run_monitor.SlowdownMonitor(model), []
+        for i in range(200):
+            length = 200 if i < 100 else 4000
+            seconds = factor * (5 + 10 * length / 1000) / 1000
+            timing.add(length, seconds)
+            monitor.add(length, throughput_report.BatchShape(1, length, length), seconds, timing)
+            if i % 20 == 0:
+                warnings += monitor.check()
+        assert len(warnings) == expected
+    assert "1.50x as long as measure_throughput.py measured" in warnings[0]
+
+
+def test_progress_bar_looks_like_the_guide():
+    stream = io.StringIO()
+    bar = run_monitor.EpochBar(total=3232, initial=807, desc="Epoch 0 Training", file=stream, ncols=100)
+    bar.eta_seconds = 20 * 60 + 15
+    bar.stats = "loss: 0.4521, 2,345 tok/s"
+    bar.refresh()
+    text = stream.getvalue()
+    assert "Epoch 0 Training:  25%|" in text and "| 807/3232 [00:00<20:15] loss: 0.4521, 2,345 tok/s" in text
+
+
+def test_metrics_restore_keeps_history_up_to_the_checkpoint(tmp_path):
+    source = tmp_path / "old.jsonl"
+    source.write_text("".join(json.dumps({"kind": "step", "step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
+                      + '{"kind": "step", "st')  # a line cut short by a crash
+    log = run_monitor.MetricsLog(tmp_path / "metrics.jsonl")
+    log.restore(source, up_to_step=3)
+    log.write({"kind": "step", "step": 4, "loss": 0.5})
+    assert [(r["step"], r["loss"]) for r in log.records()] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)]
+
+
+def test_plot_draws_loss_and_eval_accuracy(tmp_path):
+    lines = [{"kind": "step", "epoch": e, "step": 4 * e + b, "batch": b, "batches": 4, "loss": 2.0 / (1 + 4 * e + b)}
+             for e in range(3) for b in range(1, 5)]
+    lines += [{"kind": "epoch", "epoch": e, "step": 4 * e + 4, "batch": 4, "batches": 4, "loss": 1.0 / (e + 1),
+               "eval_accuracy": 0.2 * e, "eval_task_accuracy": 0.1 * e} for e in range(3)]
+    path = run_monitor.plot_metrics(lines, tmp_path / "curves.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
+    assert run_monitor.plot_metrics([], tmp_path / "none.png") is None
