@@ -25,7 +25,19 @@ prefix is a view's prompt when scoring several candidates under it; that scoring
 pass per chunk (no decode loop), and it runs only when three or more candidates compete for the two
 attempts, so it is not worth a cache (benchmarks/voting_and_ttt.py reports its share of the time).
 
-Kaggle submission (CPU example first; on a GPU the default is 8 views):
+The three Kaggle steps (the budgets are examples for a 12-hour session, not measured on a T4):
+
+    # 1. train on ARC training data (the trainer stops inside its budget and saves runs/base/model)
+    python trainloop_gpu_finetuned.py --data arc-agi-2 --epochs auto --time-budget 5h \
+        --throughput-json results.json --device cuda --output-dir runs/base
+    # 2. test-time train on the test challenges' own train pairs (leave-one-out; no solutions, so no evaluation)
+    python trainloop_gpu_finetuned.py --model-name runs/base/model --data arc-agi_test_challenges.json \
+        --eval-tasks 0 --epochs 3 --time-budget 4h --device cuda --output-dir runs/ttt
+    # 3. predict: 8 views voted, a valid submission.json whatever happens within the budget
+    python evaluation.py --model runs/ttt/model --data arc-agi_test_challenges.json --submission submission.json \
+        --views 8 --time-budget 2h
+
+The submission command (CPU example first; on a GPU the default is 8 views, on a CPU 1):
 
     python evaluation.py --model runs/x/model --data data/arc-agi_test_challenges.json --submission submission.json
     python evaluation.py --model runs/x/checkpoints/step-00001000 --data data/arc-agi_evaluation_challenges.json \\
@@ -72,6 +84,7 @@ class EvalResult:
     solved_voted_tasks: int = 0      # every test input right by the voted pass@2
     malformed: int = 0               # decodes whose output was not a grid
     scored_inputs: int = 0           # test inputs whose candidates needed log-probability scoring
+    scoring_seconds: float = 0.0     # of `seconds`, spent scoring candidates (teacher-forced forward passes)
     seconds: float = 0.0
     solved: dict[str, bool] = field(default_factory=dict)
     solved_voted: dict[str, bool] = field(default_factory=dict)
@@ -139,7 +152,7 @@ def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
     merged = EvalResult(attempts=parts[0].attempts, views=parts[0].views, score=parts[0].score)
     for part in parts:
         for name in ("num_inputs", "correct_inputs", "correct_first", "correct_voted", "num_tasks",
-                     "solved_tasks", "solved_voted_tasks", "malformed", "scored_inputs"):
+                     "solved_tasks", "solved_voted_tasks", "malformed", "scored_inputs", "scoring_seconds"):
             setattr(merged, name, getattr(merged, name) + getattr(part, name))
         merged.solved.update(part.solved)
         merged.solved_voted.update(part.solved_voted)
@@ -213,10 +226,12 @@ def _score_candidates(model: torch.nn.Module, predictions: Sequence[Prediction],
 
 def predict_samples(model: torch.nn.Module, samples: Sequence[Sample], *, views: int, max_length: int,
                     precision, seed: int = 0, score: str = "votes",
-                    should_stop: Callable[[], bool] | None = None) -> list[Prediction]:
+                    should_stop: Callable[[], bool] | None = None,
+                    timings: dict[str, float] | None = None) -> list[Prediction]:
     """Decode every sample under its first `views` views in one batch (all rows together, one KV cache),
     map back, group, score where it matters (views.needs_scores) and rank. The trainer's evaluation and the
-    submission CLI both call this; `should_stop` ends the decoding early (rows still running: not grids)."""
+    submission CLI both call this; `should_stop` ends the decoding early (rows still running: not grids).
+    `timings["scoring"]` (when given) accumulates the seconds spent scoring candidates."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     predictions = []
@@ -228,18 +243,22 @@ def predict_samples(model: torch.nn.Module, samples: Sequence[Sample], *, views:
                     [None if v.is_identity else v for _, v in rows], should_stop)
     for (prediction, _), grid in zip(rows, grids):
         prediction.grids.append(grid)
-    rerank(model, predictions, precision, score)
+    rerank(model, predictions, precision, score, timings)
     return predictions
 
 
-def rerank(model: torch.nn.Module, predictions: Sequence[Prediction], precision, score: str) -> None:
+def rerank(model: torch.nn.Module, predictions: Sequence[Prediction], precision, score: str,
+           timings: dict[str, float] | None = None) -> None:
     """Group each prediction's grids into candidates and rank them, scoring (batched) those that need it."""
     for prediction in predictions:
         prediction.ranked = group_candidates(prediction.grids)
         prediction.scored = needs_scores(prediction.ranked, score)
     to_score = [p for p in predictions if p.scored]
     if to_score:
+        start = time.perf_counter()
         _score_candidates(model, to_score, precision)
+        if timings is not None:
+            timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - start
     for prediction in predictions:
         prediction.ranked = rank_candidates(prediction.ranked, score)
 
@@ -271,6 +290,7 @@ def evaluate(model: torch.nn.Module, tasks: Sequence[Task], *, max_length: int, 
     lengths = [len(prompt(s, max_length)) for s in samples]
     by_length = sorted(range(len(samples)), key=lambda i: lengths[i])
     per_batch = max(1, batch_size // views)
+    timings: dict[str, float] = {}
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -280,7 +300,7 @@ def evaluate(model: torch.nn.Module, tasks: Sequence[Task], *, max_length: int, 
                 return None
             chunk = [samples[i] for i in by_length[first:first + per_batch]]
             predictions = predict_samples(model, chunk, views=views, max_length=max_length, precision=precision,
-                                          seed=seed, score=score)
+                                          seed=seed, score=score, timings=timings)
             result.malformed += sum(g is None for p in predictions for g in p.grids)
             if views == 1 and attempts == 2:
                 retry = [p for p in predictions if not _equal(p.greedy, p.sample.target)]
@@ -293,7 +313,7 @@ def evaluate(model: torch.nn.Module, tasks: Sequence[Task], *, max_length: int, 
                         p.views.append(v)
                         p.prompts.append(q)
                         p.grids.append(g)
-                    rerank(model, retry, precision, score)
+                    rerank(model, retry, precision, score, timings)
             for p in predictions:
                 target = p.sample.target
                 first_right = _equal(p.greedy, target)
@@ -313,6 +333,7 @@ def evaluate(model: torch.nn.Module, tasks: Sequence[Task], *, max_length: int, 
     result.solved_voted = {t: bool(marks) and all(v for _, v in marks) for t, marks in per_task.items()}
     result.solved_tasks = sum(result.solved.values())
     result.solved_voted_tasks = sum(result.solved_voted.values())
+    result.scoring_seconds = timings.get("scoring", 0.0)
     result.seconds = time.perf_counter() - start
     return result
 

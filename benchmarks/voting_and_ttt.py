@@ -82,13 +82,19 @@ def train(model: torch.nn.Module, tasks: list[Task], steps: int, lr: float, seed
     return done, time.perf_counter() - start, log
 
 
-def measure(model: torch.nn.Module, tasks: list[Task], views: int, seed: int) -> dict[str, Any]:
+def measure(model: torch.nn.Module, tasks: list[Task], views: int, seed: int, score: str = "votes") -> dict[str, Any]:
     result = evaluate(model, tasks, max_length=512, precision=FP32, device=torch.device("cpu"), views=views,
-                      seed=seed, batch_size=max(8, views))
-    return {"views": views, "greedy_pass1": result.first_attempt_accuracy, "voted_pass2": result.voted_accuracy,
-            "tasks_solved_voted": result.solved_voted_tasks, "tasks": result.num_tasks,
-            "malformed": result.malformed, "scored_inputs": result.scored_inputs,
+                      seed=seed, batch_size=max(8, views), score=score)
+    return {"views": views, "score": score, "greedy_pass1": result.first_attempt_accuracy,
+            "voted_pass2": result.voted_accuracy, "tasks_solved_voted": result.solved_voted_tasks,
+            "tasks": result.num_tasks, "malformed": result.malformed, "scored_inputs": result.scored_inputs,
+            "scoring_share": round(result.scoring_seconds / result.seconds, 3) if result.seconds else 0.0,
             "seconds_per_task": round(result.seconds / max(1, result.num_tasks), 4)}
+
+
+def measure_all(model: torch.nn.Module, tasks: list[Task], views: int, seed: int) -> dict[str, Any]:
+    return {"greedy": measure(model, tasks, 1, seed), "voted": measure(model, tasks, views, seed),
+            "product": measure(model, tasks, views, seed, "product")}
 
 
 def load_average() -> str:
@@ -135,24 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     loads["after_training"] = load_average()
     report: dict[str, Any] = {"family": "recolour a->b per task, 3x3, 3 train pairs", "train_steps": steps,
                               "train_seconds": round(seconds, 1), "dev_trace": trace, "loss_log": log}
-    report["before_ttt"] = {"greedy": measure(model, held_out, 1, args.seed),
-                            "voted": measure(model, held_out, args.views, args.seed)}
+    report["before_ttt"] = measure_all(model, held_out, args.views, args.seed)
     tuned = copy.deepcopy(model)
     _, ttt_seconds, _ = train(tuned, held_out, args.ttt_steps, args.ttt_lr, args.seed + 1)
     report["ttt_seconds"] = round(ttt_seconds, 1)
-    report["after_ttt"] = {"greedy": measure(tuned, held_out, 1, args.seed),
-                           "voted": measure(tuned, held_out, args.views, args.seed)}
+    report["after_ttt"] = measure_all(tuned, held_out, args.views, args.seed)
     loads["end"] = load_average()
     report["load_average_1_5_15min"] = loads
     report["cpu_threads"] = torch.get_num_threads()
     print(f"trained {steps} steps in {seconds:.0f} s (dev greedy {trace[-1]['dev_greedy']:.2f}); "
           f"test-time training {args.ttt_steps} steps in {ttt_seconds:.0f} s; load average {loads}")
-    print(f"{'held-out ' + str(args.held_out) + ' tasks':<28} {'greedy pass@1':>14} {'voted pass@2':>13} {'s/task':>8}")
+    print(f"{'held-out ' + str(args.held_out) + ' tasks':<36} {'greedy pass@1':>14} {'voted pass@2':>13} "
+          f"{'s/task':>8} {'scoring':>8}")
     for stage in ("before_ttt", "after_ttt"):
-        for kind in ("greedy", "voted"):
+        for kind in ("greedy", "voted", "product"):
             r = report[stage][kind]
-            label = f"{stage.replace('_', ' ')}, {r['views']} view(s)"
-            print(f"{label:<28} {r['greedy_pass1']:>14.3f} {r['voted_pass2']:>13.3f} {r['seconds_per_task']:>8.4f}")
+            label = f"{stage.replace('_', ' ')}, {r['views']} view(s), {r['score']}"
+            print(f"{label:<36} {r['greedy_pass1']:>14.3f} {r['voted_pass2']:>13.3f} {r['seconds_per_task']:>8.4f} "
+                  f"{r['scoring_share']:>8.1%}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
