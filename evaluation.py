@@ -521,14 +521,14 @@ def run_prediction(settings: PredictSettings) -> dict[str, Any]:
 
     started = time.monotonic()
     deadline = started + settings.time_budget - SAFETY_SECONDS if settings.time_budget else None
+    device = resolve_device(settings.device)
+    precision = resolve_precision(device, settings.precision)
     taskset = load_tasks(settings.data, settings.solutions, settings.strict)
     tasks = taskset.tasks
     expected = _expected_inputs(settings.data, tasks)
     counts = {task_id: len(inputs) for task_id, inputs in expected.items()}
     builder = SubmissionBuilder(expected)
     write_submission(settings.submission, builder.submission(), counts)  # a valid file from the first second
-    device = resolve_device(settings.device)
-    precision = resolve_precision(device, settings.precision)
     model, described = load_for_inference(settings.model)
     model = model.to(device).eval()
     views = settings.views or (VIEWS_GPU if device.type == "cuda" else VIEWS_CPU)
