@@ -487,10 +487,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _expected_inputs(data: str, tasks: Sequence[Task]) -> dict[str, list[list[list[int]]]]:
     """Task id -> test input grids the submission must answer: every task of a challenges JSON file, those
-    the loader skipped as invalid included (their inputs as far as they are lists, else [[0]])."""
+    the loader skipped as invalid included (with [[0]] for their inputs, so their answers are [[0]], [[0]])."""
     from submission import grid_list
 
-    expected = {t.task_id: [grid_list(inp) for inp, _ in t.test] for t in tasks}
+    expected = {t.task_id: [grid_list(inp) for inp, _ in t.test] for t in tasks if t.test}
     path = Path(data)
     if path.is_file():
         try:
@@ -524,7 +524,7 @@ def run_prediction(settings: PredictSettings) -> dict[str, Any]:
     device = resolve_device(settings.device)
     precision = resolve_precision(device, settings.precision)
     taskset = load_tasks(settings.data, settings.solutions, settings.strict)
-    tasks = taskset.tasks
+    tasks = [task for task in taskset.tasks if task.test]   # a task without test inputs has nothing to answer
     expected = _expected_inputs(settings.data, tasks)
     counts = {task_id: len(inputs) for task_id, inputs in expected.items()}
     builder = SubmissionBuilder(expected)

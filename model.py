@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -498,6 +498,8 @@ def flops_per_token(model: nn.Module, seq_len: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------- generation
+
+from collections.abc import Callable  # noqa: E402  (here, not at the top: keeps this section's edits apart from loading's)
 
 GENERATABLE = torch.zeros(data.VOCAB_SIZE, dtype=torch.bool)
 GENERATABLE[:10] = True
