@@ -18,6 +18,9 @@ Scores an evaluation reports (EvalResult.metrics(), one metrics.jsonl line per e
   eval_task_pass2_voted  per task: every test input right by eval_pass2_voted
   eval_views             K; eval_scoring "votes" or "product"
 With one view the voted attempts are the decodes made (view 0, and view 1 for --eval-attempts 2).
+The trainer's `--eval-views K` is one more keyword of the call it makes today:
+`evaluate(model, tasks, max_length=, precision=, device=, attempts=, seed=, batch_size=, should_stop=,
+progress=, views=K, score="votes")`; `batch_size` stays the rows per decode call (8 views of one input).
 
 The KV cache is not shared between views: each view permutes the colours, rotates every grid and
 reorders the demonstrations, so two views' prompts share only their first token (BOS). The one shared
@@ -48,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
