@@ -38,6 +38,11 @@ from evaluation import evaluate  # noqa: E402
 from model import ModelSettings, load_model  # noqa: E402
 from training import FP32, TrainStep, build_optimizer, build_scheduler  # noqa: E402
 
+# Generation prompts keep room for the largest answer (931 tokens, arc_dataset.encode_prompt), so a max_length
+# under ~1100 silently drops the prompts to one demonstration: a first run of this script at 512 evaluated
+# 1-demonstration prompts of a model trained on 2-3.
+EVAL_MAX_LENGTH = 2048
+
 
 def recolour_tasks(n: int, seed: int, train_pairs: tuple[int, ...] = (3,), size: int = 3) -> list[Task]:
     """Tasks recolouring colour a (the only non-zero colour of the input) into b, (a, b) per task, with a
@@ -83,7 +88,7 @@ def train(model: torch.nn.Module, tasks: list[Task], steps: int, lr: float, seed
 
 
 def measure(model: torch.nn.Module, tasks: list[Task], views: int, seed: int, score: str = "votes") -> dict[str, Any]:
-    result = evaluate(model, tasks, max_length=512, precision=FP32, device=torch.device("cpu"), views=views,
+    result = evaluate(model, tasks, max_length=EVAL_MAX_LENGTH, precision=FP32, device=torch.device("cpu"), views=views,
                       seed=seed, batch_size=max(8, views), score=score)
     return {"views": views, "score": score, "greedy_pass1": result.first_attempt_accuracy,
             "voted_pass2": result.voted_accuracy, "tasks_solved_voted": result.solved_voted_tasks,
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = []
 
     def check(step: int) -> bool:
-        accuracy = evaluate(model, dev, max_length=512, precision=FP32, device=torch.device("cpu")).accuracy
+        accuracy = evaluate(model, dev, max_length=EVAL_MAX_LENGTH, precision=FP32, device=torch.device("cpu")).accuracy
         trace.append({"step": step, "dev_greedy": accuracy})
         print(f"step {step}: dev greedy {accuracy:.2f}", file=sys.stderr, flush=True)
         return accuracy >= args.target
