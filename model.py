@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -697,7 +697,8 @@ class GridGrammar:
 
 @torch.no_grad()
 def generate_token_batch(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-                         precision=None, exact_new_tokens: Sequence[int] | None = None) -> list[list[int]]:
+                         precision=None, exact_new_tokens: Sequence[int] | None = None, *,
+                         should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
     """Greedy decoding of several prompts at once with one KV cache; only colours, row ends and EOS can be
     produced. Each row stops on its own, after EOS or once its output can no longer be a grid.
 
@@ -707,7 +708,8 @@ def generate_token_batch(model: nn.Module, prompts: Sequence[torch.Tensor], max_
 
     A decode step is launch-bound on a GPU (one token per row through every layer), so 8 rows cost little
     more than 1. Prompts are padded on the left, with the mask and positions that make each row decode as
-    it would alone."""
+    it would alone. `should_stop()` (a deadline) is asked before each decode step; once true, decoding ends
+    and the rows still running are returned as they are (no EOS: not a grid)."""
     device = next(model.parameters()).device
     rows = len(prompts)
     lengths = torch.tensor([int(p.numel()) for p in prompts])
@@ -741,7 +743,7 @@ def generate_token_batch(model: nn.Module, prompts: Sequence[torch.Tensor], max_
                         # Done, or the output can no longer be a grid: stop instead of running to the cap.
                         active[row] = (token != data.EOS and grammars[row].accepts(token) if exact is None
                                        else len(tokens[row]) < exact[row])
-                if not any(active):
+                if not any(active) or (should_stop is not None and should_stop()):
                     break
                 inputs = {"input_ids": chosen[:, None], "cache": out.cache, "use_cache": True}
                 if padded:
@@ -770,9 +772,10 @@ def tokens_to_grid(tokens: Sequence[int]) -> np.ndarray | None:
 
 
 def generate_grids(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int = MAX_GRID_TOKENS,
-                   precision=None) -> list[np.ndarray | None]:
-    """Greedy-decode the output grids of several prompts at once (see generate_token_batch)."""
-    return [tokens_to_grid(t) for t in generate_token_batch(model, prompts, max_new_tokens, precision)]
+                   precision=None, **kwargs: Any) -> list[np.ndarray | None]:
+    """Greedy-decode the output grids of several prompts at once (see generate_token_batch; keyword
+    arguments such as should_stop go to it)."""
+    return [tokens_to_grid(t) for t in generate_token_batch(model, prompts, max_new_tokens, precision, **kwargs)]
 
 
 def generate_grid(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int = MAX_GRID_TOKENS,
@@ -780,3 +783,55 @@ def generate_grid(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: in
     """Greedy-decode the output grid for a prompt ending in the query's OUTPUT token; None if malformed
     (no EOS within max_new_tokens, ragged rows, ...)."""
     return tokens_to_grid(generate_tokens(model, prompt_ids, max_new_tokens, precision))
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+SCORE_TOKENS_PER_FORWARD = 32768  # rows x padded length per forward pass of sequence_log_probs
+
+
+@torch.no_grad()
+def sequence_log_probs(model: nn.Module, prompts: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                       precision=None, max_tokens: int = SCORE_TOKENS_PER_FORWARD) -> list[float]:
+    """Teacher-forced log-probability of each target (a grid's tokens and EOS) after its prompt: the sum over
+    the target's tokens of log p(token | everything before it), over the model's full 16-symbol output.
+
+    Used to rank candidate grids by their summed log-probability over augmented views (the ARChitects'
+    product of probabilities). One forward pass per chunk of sequences, shortest first, rows padded on the
+    right: with causal attention a real token never sees the padding after it, so no mask is needed and
+    each row scores as it would alone."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    device = next(model.parameters()).device
+    sequences = [torch.cat([p.reshape(-1).cpu(), t.reshape(-1).cpu()]).long() for p, t in zip(prompts, targets)]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = [0.0] * len(sequences)
+    dtype = getattr(precision, "autocast_dtype", None)
+    was_training = model.training
+    model.eval()
+    try:
+        with eager_decoder_layers(model), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            start = 0
+            while start < len(order):
+                end = start + 1  # at least one row; then as many as fit max_tokens at the longest's length
+                while end < len(order) and (end - start + 1) * len(sequences[order[end]]) <= max_tokens:
+                    end += 1
+                chunk = order[start:end]
+                width = len(sequences[chunk[-1]])
+                ids = torch.full((len(chunk), width), data.PAD, dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids[row, :len(sequences[i])] = sequences[i]
+                logits = model(input_ids=ids.to(device), use_cache=False).logits[..., :data.VOCAB_SIZE]
+                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                sums = []
+                for row, i in enumerate(chunk):
+                    first, length = int(prompts[i].numel()), int(targets[i].numel())
+                    picked = log_probs[row, first - 1:first - 1 + length].gather(
+                        -1, ids[row, first:first + length, None].to(device))
+                    sums.append(picked.sum())
+                for i, value in zip(chunk, torch.stack(sums).tolist()):  # host sync: once per forward pass
+                    scores[i] = value
+                start = end
+    finally:
+        model.train(was_training)
+    return scores
