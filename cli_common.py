@@ -217,6 +217,13 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                           "same for 8 as for 1 on a GPU); lower it if evaluation runs out of memory")
     run.add_argument("--eval-attempts", type=int, choices=(1, 2), default=1,
                      help="2: a second attempt on an augmented view, mapped back (pass@2, the ARC Prize metric)")
+    run.add_argument("--eval-views", type=positive_int, default=1, metavar="K",
+                     help="also decode each test input under K augmented views (rotation/flip, colours, demonstration "
+                          "order), map the answers back and vote, logging the voted pass@2 beside the greedy "
+                          "accuracy (the ARC winners' inference; 8 on a GPU; costs K decodes per input)")
+    run.add_argument("--eval-score", choices=("votes", "product"), default="votes",
+                     help="rank the views' candidate grids by votes (ties: summed log-probability over the views) "
+                          "or by the summed log-probability alone (product of the views' probabilities)")
     run.add_argument("--save-every", type=non_negative_int, default=1000,
                      help="also checkpoint every N optimizer steps (0: only at the end of each epoch)")
     run.add_argument("--keep-checkpoints", type=positive_int, default=2,

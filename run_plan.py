@@ -40,6 +40,8 @@ class EvalPlan:
     attempts: int
     batch_size: int
     early_stop: int
+    views: int = 1                    # --eval-views: augmented views decoded and voted per test input
+    score: str = "votes"              # --eval-score
 
     def __bool__(self) -> bool:
         return bool(self.tasks)
@@ -98,7 +100,7 @@ def plan_evaluation(args: argparse.Namespace, tasks: Any) -> EvalPlan:
             raise UserError(f"{source.description}: no task with known test outputs to evaluate on; give "
                             f"--eval-data with solutions, or --eval-tasks 0")
     return EvalPlan(tuple(chosen), description, args.eval_every, args.eval_attempts, args.eval_batch_size,
-                    args.early_stop)
+                    args.early_stop, args.eval_views, args.eval_score)
 
 
 def read_benchmark(args: argparse.Namespace, current: dict[str, Any], batches_per_epoch: int

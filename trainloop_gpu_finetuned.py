@@ -22,7 +22,8 @@
 
 What it does, per epoch: trains on every leave-one-out sample (3232 on ARC-AGI-2 training) with a tqdm bar
 whose ETA comes from the tokens still to go (sample lengths vary ~100x, so counting batches would swing),
-evaluates exact-match accuracy on held-out test inputs (greedy decoding; pass@2 with --eval-attempts 2),
+evaluates exact-match accuracy on held-out test inputs (greedy decoding; pass@2 with --eval-attempts 2;
+with --eval-views K also the pass@2 voted over K augmented views, the ARC winners' way),
 appends to metrics.jsonl, checkpoints atomically, and redraws training_curves.png. At the end it saves the
 final model (model.save_model) and prints where everything is.
 
@@ -385,7 +386,9 @@ def banner(info: RunInfo, plan: RunPlan, parts: TrainingParts, data: Any, ctx: D
         f"optimizer steps (grad accum {args.grad_accum}); lr {args.lr:g}, "
         f"{min(args.warmup_steps, plan.total_steps)} warm-up steps then cosine to 0",
         "evaluation: " + (f"{len(evaluation.tasks)} tasks with known outputs from {evaluation.description}; greedy, "
-                          f"{plural(evaluation.attempts, 'attempt')}, after each epoch"
+                          f"{plural(evaluation.attempts, 'attempt')}"
+                          + (f", and pass@2 voted over {evaluation.views} augmented views ({evaluation.score})"
+                             if evaluation.views > 1 else "") + ", after each epoch"
                           + (f" and every {evaluation.every} steps" if evaluation.every else "")
                           + (f"; early stop after {evaluation.early_stop} without improvement"
                              if evaluation.early_stop else "")
@@ -668,7 +671,8 @@ class TrainLoop:
                                   precision=self.info.precision, device=self.device, attempts=evaluation.attempts,
                                   seed=self.args.seed, batch_size=evaluation.batch_size,
                                   should_stop=lambda: bool(self.stop) or self.stops.out_of_time(),
-                                  progress=lambda done, n: bar.update(1))
+                                  progress=lambda done, n: bar.update(1), views=evaluation.views,
+                                  score=evaluation.score)
         finally:
             bar.close()
         parts = self.ctx.gather_objects(result)

@@ -394,3 +394,15 @@ def test_resume_without_the_model_flags_is_refused_with_what_to_give(tmp_path, c
     with pytest.raises(UserError, match=r"trained from --model-name 'tiny' and this command loads "
                                         r"'Qwen/Qwen2.5-0.5B-Instruct'"):
         run_main(["--resume", str(tmp_path / "run"), "--epochs", "2"])
+
+
+def test_eval_views_logs_the_voted_pass2_beside_the_greedy_accuracy(tmp_path, capsys):
+    argv = tiny_args(tmp_path, "run", "--epochs", "1", "--max-batches", "2", "--eval-tasks", "2",
+                     "--eval-views", "3", "--eval-score", "product")
+    assert run_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pass@2 voted over 3 augmented views (product)" in out
+    epoch = records(tmp_path / "run", "epoch")[-1]
+    assert epoch["eval_views"] == 3 and epoch["eval_scoring"] == "product"
+    assert 0 <= epoch["eval_greedy_accuracy"] <= 1 and 0 <= epoch["eval_pass2_voted"] <= 1
+    assert epoch["eval_inputs"] == 2
