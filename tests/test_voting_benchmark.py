@@ -35,4 +35,5 @@ def test_benchmark_runs_and_reports_greedy_voted_and_test_time_training(tmp_path
     for stage in ("before_ttt", "after_ttt"):
         assert report[stage]["greedy"]["views"] == 1 and report[stage]["voted"]["views"] == 4
         assert report[stage]["product"]["score"] == "product" and report[stage]["voted"]["tasks"] == 4
+    assert report["control_more_training"]["voted"]["tasks"] == 4 and report["ttt"] == "per-task"
     assert "load_average_1_5_15min" in report and "voted pass@2" in capsys.readouterr().out
