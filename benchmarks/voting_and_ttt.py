@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arc_dataset import DataSettings, Task, TrainingData, training_samples  # noqa: E402
+from arc_dataset import Augmentation, DataSettings, Task, TrainingData, training_samples  # noqa: E402
 from evaluation import EvalResult, evaluate, merge_results  # noqa: E402
 from model import ModelSettings, load_model  # noqa: E402
 from training import FP32, TrainStep, build_optimizer, build_scheduler  # noqa: E402
@@ -66,11 +66,23 @@ def recolour_tasks(n: int, seed: int, train_pairs: tuple[int, ...] = (3,), size:
     return tasks
 
 
+def dihedral_copies(task: Task) -> list[Task]:
+    """The task under each of the 8 rotations/flips, colours kept (test-time training that may learn the
+    task's own colours)."""
+    copies = []
+    for transform in range(8):
+        view = Augmentation(transform)
+        copies.append(Task(f"{task.task_id}/{transform}", [(view.apply(i), view.apply(o)) for i, o in task.train],
+                           []))
+    return copies
+
+
 def train(model: torch.nn.Module, tasks: list[Task], steps: int, lr: float, seed: int,
-          check=None, check_every: int = 0) -> tuple[int, float, list[dict[str, Any]]]:
-    """TrainStep over augmented leave-one-out samples of `tasks` for up to `steps` steps (batch 8);
-    `check(step)` every `check_every` steps may end training by returning True."""
-    data = TrainingData(training_samples(tasks), DataSettings(max_length=512, batch_size=8, augment=True, seed=seed))
+          check=None, check_every: int = 0, augment: bool = True) -> tuple[int, float, list[dict[str, Any]]]:
+    """TrainStep over leave-one-out samples of `tasks` (augmented: a random rotation/flip, colour permutation
+    and demonstration order per sample and epoch) for up to `steps` steps (batch 8); `check(step)` every
+    `check_every` steps may end training by returning True."""
+    data = TrainingData(training_samples(tasks), DataSettings(max_length=512, batch_size=8, augment=augment, seed=seed))
     optimizer = build_optimizer(model, lr)
     scheduler = build_scheduler(optimizer, steps, warmup_steps=min(50, steps // 10), min_lr_ratio=1.0)
     step_fn = TrainStep(model, optimizer, scheduler, FP32, torch.device("cpu"))
@@ -114,7 +126,7 @@ def measure_all(model: torch.nn.Module, tasks: list[Task], views: int, seed: int
 
 
 def per_task_training(model: torch.nn.Module, tasks: list[Task], sources: list[Task], steps: int, lr: float,
-                      views: int, seed: int) -> tuple[dict[str, Any], float]:
+                      views: int, seed: int, keep_colours: bool) -> tuple[dict[str, Any], float]:
     """For each task: a fresh copy of `model` trained `steps` steps on the leave-one-out samples of its
     source task (itself: test-time training; another task: the control), then evaluated on the task alone.
     Returns the evaluations summed over the tasks, and the training seconds."""
@@ -122,7 +134,10 @@ def per_task_training(model: torch.nn.Module, tasks: list[Task], sources: list[T
     seconds = 0.0
     for task, source in zip(tasks, sources):
         tuned = copy.deepcopy(model)
-        seconds += train(tuned, [source], steps, lr, seed)[1]
+        if keep_colours:
+            seconds += train(tuned, dihedral_copies(source), steps, lr, seed, augment=False)[1]
+        else:
+            seconds += train(tuned, [source], steps, lr, seed)[1]
         for kind, k, score in KINDS:
             parts[kind].append(run_eval(tuned, [task], k or views, seed, score))
     out = {}
@@ -156,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttt-steps", type=int, default=None,
                         help="test-time training steps (default: 30 per task, or 300 joint)")
     parser.add_argument("--ttt-lr", type=float, default=1e-3, help="test-time training learning rate")
+    parser.add_argument("--ttt-colours", choices=("keep", "permute"), default="keep",
+                        help="per-task test-time training on the task's 8 rotations/flips with its own colours "
+                             "(keep), or with the training augmentation's colour permutations (permute)")
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the control: as many steps on training tasks instead of the held-out ones")
     parser.add_argument("--seed", type=int, default=0)
@@ -189,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     stages = ["before_ttt", "after_ttt"]
     # The control asks whether a gain comes from the held-out tasks' own demonstrations or from training longer.
     if args.ttt == "per-task":
+        keep = args.ttt_colours == "keep"
         report["after_ttt"], ttt_seconds = per_task_training(model, held_out, held_out, ttt_steps, args.ttt_lr,
-                                                             args.views, args.seed + 1)
+                                                             args.views, args.seed + 1, keep)
         if args.control:   # each copy trained as long on one training task instead
             report["control_more_training"], _ = per_task_training(
-                model, held_out, train_tasks[:len(held_out)], ttt_steps, args.ttt_lr, args.views, args.seed + 1)
+                model, held_out, train_tasks[:len(held_out)], ttt_steps, args.ttt_lr, args.views, args.seed + 1, keep)
     else:
         tuned = copy.deepcopy(model)
         _, ttt_seconds, _ = train(tuned, held_out, ttt_steps, args.ttt_lr, args.seed + 1)
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             report["control_more_training"] = measure_all(control, held_out, args.views, args.seed)
     if args.control:
         stages.append("control_more_training")
-    report.update(ttt=args.ttt, ttt_steps=ttt_steps, ttt_lr=args.ttt_lr, ttt_seconds=round(ttt_seconds, 1))
+    report.update(ttt=args.ttt, ttt_colours=args.ttt_colours, ttt_steps=ttt_steps, ttt_lr=args.ttt_lr, ttt_seconds=round(ttt_seconds, 1))
     loads["end"] = load_average()
     report["load_average_1_5_15min"] = loads
     report["cpu_threads"] = torch.get_num_threads()
