@@ -2,8 +2,9 @@
 
 A synthetic task family whose rule differs per task and must be read from the demonstrations: each task
 recolours one colour `a` of a 3x3 grid (cells 0 or a) into another colour `b`, both drawn per task from 1-9;
-three train pairs (training tasks: three or four), one test pair. The query shows `a`; only the demonstrations show `b`. Every view of such
-a task (rotation/flip, colour permutation keeping 0) is again a task of the family, so voting is fair.
+three train pairs (training tasks: three or four), one test pair. The query shows `a`; only the demonstrations
+show `b`. Every view of such a task (rotation/flip, colour permutation keeping 0) is again a task of the family,
+so voting is fair.
 
 1. Train the tiny 2-layer, hidden-64 Qwen2 from scratch with the project's own training step
    (training.TrainStep, AdamW, batch 8, lr 3e-3, augmented leave-one-out samples) and greedy-evaluate a
@@ -35,10 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arc_dataset import Augmentation, DataSettings, Task, TrainingData, training_samples  # noqa: E402
+from arc_dataset import (Augmentation, DataSettings, Task, TrainingData, evaluation_samples,  # noqa: E402
+                         training_samples)
 from evaluation import EvalResult, evaluate, merge_results  # noqa: E402
 from model import ModelSettings, load_model  # noqa: E402
 from training import FP32, TrainStep, build_optimizer, build_scheduler  # noqa: E402
+from views import task_views  # noqa: E402
 
 # Generation prompts keep room for the largest answer (931 tokens, arc_dataset.encode_prompt), so a max_length
 # under ~1100 silently drops the prompts to one demonstration: a first run of this script at 512 evaluated
@@ -66,12 +69,16 @@ def recolour_tasks(n: int, seed: int, train_pairs: tuple[int, ...] = (3,), size:
     return tasks
 
 
-def dihedral_copies(task: Task) -> list[Task]:
-    """The task under each of the 8 rotations/flips, colours kept (test-time training that may learn the
-    task's own colours)."""
+def view_copies(task: Task, mode: str, views: int, seed: int) -> list[Task]:
+    """The task's train pairs under each of the 8 rotations/flips with its own colours ("keep": test-time
+    training that may learn the task's colours), or under the very views inference decodes ("views":
+    views.task_views of its test input, colour permutations included)."""
+    if mode == "keep":
+        chosen = [Augmentation(transform) for transform in range(8)]
+    else:
+        chosen = task_views(evaluation_samples([task])[0], views, seed)
     copies = []
-    for transform in range(8):
-        view = Augmentation(transform)
+    for transform, view in enumerate(chosen):
         copies.append(Task(f"{task.task_id}/{transform}", [(view.apply(i), view.apply(o)) for i, o in task.train],
                            []))
     return copies
@@ -126,7 +133,7 @@ def measure_all(model: torch.nn.Module, tasks: list[Task], views: int, seed: int
 
 
 def per_task_training(model: torch.nn.Module, tasks: list[Task], sources: list[Task], steps: int, lr: float,
-                      views: int, seed: int, keep_colours: bool) -> tuple[dict[str, Any], float]:
+                      views: int, seed: int, colours: str) -> tuple[dict[str, Any], float]:
     """For each task: a fresh copy of `model` trained `steps` steps on the leave-one-out samples of its
     source task (itself: test-time training; another task: the control), then evaluated on the task alone.
     Returns the evaluations summed over the tasks, and the training seconds."""
@@ -134,8 +141,8 @@ def per_task_training(model: torch.nn.Module, tasks: list[Task], sources: list[T
     seconds = 0.0
     for task, source in zip(tasks, sources):
         tuned = copy.deepcopy(model)
-        if keep_colours:
-            seconds += train(tuned, dihedral_copies(source), steps, lr, seed, augment=False)[1]
+        if colours != "permute":
+            seconds += train(tuned, view_copies(source, colours, views, seed), steps, lr, seed, augment=False)[1]
         else:
             seconds += train(tuned, [source], steps, lr, seed)[1]
         for kind, k, score in KINDS:
@@ -171,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttt-steps", type=int, default=None,
                         help="test-time training steps (default: 30 per task, or 300 joint)")
     parser.add_argument("--ttt-lr", type=float, default=1e-3, help="test-time training learning rate")
-    parser.add_argument("--ttt-colours", choices=("keep", "permute"), default="keep",
+    parser.add_argument("--ttt-colours", choices=("keep", "views", "permute"), default="keep",
                         help="per-task test-time training on the task's 8 rotations/flips with its own colours "
-                             "(keep), or with the training augmentation's colour permutations (permute)")
+                             "(keep), on the views inference decodes (views), or with the training "
+                             "augmentation's random colour permutations (permute)")
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the control: as many steps on training tasks instead of the held-out ones")
     parser.add_argument("--seed", type=int, default=0)
@@ -207,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     stages = ["before_ttt", "after_ttt"]
     # The control asks whether a gain comes from the held-out tasks' own demonstrations or from training longer.
     if args.ttt == "per-task":
-        keep = args.ttt_colours == "keep"
+        colours = args.ttt_colours
         report["after_ttt"], ttt_seconds = per_task_training(model, held_out, held_out, ttt_steps, args.ttt_lr,
-                                                             args.views, args.seed + 1, keep)
+                                                             args.views, args.seed + 1, colours)
         if args.control:   # each copy trained as long on one training task instead
-            report["control_more_training"], _ = per_task_training(
-                model, held_out, train_tasks[:len(held_out)], ttt_steps, args.ttt_lr, args.views, args.seed + 1, keep)
+            report["control_more_training"], _ = per_task_training(model, held_out, train_tasks[:len(held_out)],
+                                                                   ttt_steps, args.ttt_lr, args.views,
+                                                                   args.seed + 1, colours)
     else:
         tuned = copy.deepcopy(model)
         _, ttt_seconds, _ = train(tuned, held_out, ttt_steps, args.ttt_lr, args.seed + 1)
@@ -223,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             report["control_more_training"] = measure_all(control, held_out, args.views, args.seed)
     if args.control:
         stages.append("control_more_training")
-    report.update(ttt=args.ttt, ttt_colours=args.ttt_colours, ttt_steps=ttt_steps, ttt_lr=args.ttt_lr, ttt_seconds=round(ttt_seconds, 1))
+    report.update(ttt=args.ttt, ttt_colours=args.ttt_colours, ttt_steps=ttt_steps, ttt_lr=args.ttt_lr,
+                  ttt_seconds=round(ttt_seconds, 1))
     loads["end"] = load_average()
     report["load_average_1_5_15min"] = loads
     report["cpu_threads"] = torch.get_num_threads()

@@ -19,7 +19,8 @@ def test_each_task_recolours_its_own_colour_and_the_rule_needs_the_demonstration
     for task in tasks:
         assert len(task.train) in (3, 4) and len(task.test) == 1
         pairs = task.train + task.test
-        (a,), (b,) = {int(c) for i, _ in pairs for c in i.ravel() if c}, {int(c) for _, o in pairs for c in o.ravel() if c}
+        (a,) = {int(c) for i, _ in pairs for c in i.ravel() if c}
+        (b,) = {int(c) for _, o in pairs for c in o.ravel() if c}
         assert a != b and all(np.array_equal(o, np.where(i == a, b, 0)) for i, o in pairs)
         rules.add((a, b))
     assert len(rules) > 10
