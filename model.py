@@ -499,7 +499,7 @@ def flops_per_token(model: nn.Module, seq_len: float) -> float:
 
 # --------------------------------------------------------------------------------------------- generation
 
-from collections.abc import Callable  # noqa: E402  (here: keeps this section's edits apart from loading's)
+from collections.abc import Callable  # noqa: E402  (here, not at the top: keeps this section's edits apart from loading's)
 
 GENERATABLE = torch.zeros(data.VOCAB_SIZE, dtype=torch.bool)
 GENERATABLE[:10] = True
