@@ -449,7 +449,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", help="a run's final model/ folder, a checkpoint step-N/ folder, or a run folder")
-    parser.add_argument("--data", help="the Kaggle *_challenges.json to predict (any --data format of the trainer works)")
+    parser.add_argument("--data", help="the Kaggle *_challenges.json to predict (or any --data format of the trainer)")
     parser.add_argument("--submission", type=Path, help="where to write submission.json (atomically)")
     parser.add_argument("--solutions", help="Kaggle *_solutions.json to score against (default: found beside --data)")
     parser.add_argument("--views", type=positive_int, default=None,

@@ -16,7 +16,7 @@ import evaluation
 import model as model_module
 from arc_dataset import (SYMBOLS, DataSettings, Task, TrainingData, encode_prompt, evaluation_samples,
                          training_samples)
-from checkpointing import save_checkpoint
+from checkpointing import capture_rng_state, save_checkpoint
 from errors import UserError, run_cli
 from evaluation import evaluate, predict_samples, rerank
 from model import ModelSettings, load_model, save_model, sequence_log_probs
@@ -53,11 +53,23 @@ def trained(tmp_path_factory):
         step(batch)
     model.eval()
     folder = save_model(model, tmp_path_factory.mktemp("run") / "model", {"test": "test_predict"})
-    return model, folder
+    # Every field the trainer's checkpoint has (checkpointing validates them on load).
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": step.scheduler.state_dict(),
+             "train_step": step.state_dict(), "rng": capture_rng_state(),
+             "loop": {"epoch": 0, "batch": 250, "step": 250}, "grads": None}
+    meta = {"step": 250, "epoch": 0, "batch": 250, "args": {"model_name": "tiny"},
+            "model_config": model.config.to_dict(), "vocabulary": list(SYMBOLS)}
+    return model, folder, (state, meta)
+
+
+def _checkpoint(directory, trained, state_changes=None, meta_changes=None):
+    state, meta = trained[2]
+    return save_checkpoint(directory, 250, {**state, **(state_changes or {})}, {**meta, **(meta_changes or {})},
+                           keep=1)
 
 
 def test_one_view_is_todays_greedy_decoding_token_for_token(trained, monkeypatch):
-    model, _ = trained
+    model, _, _ = trained
     tasks = _tasks(6, 1, seed=7)
     real, seen = model_module.generate_token_batch, []
 
@@ -81,7 +93,7 @@ def test_one_view_is_todays_greedy_decoding_token_for_token(trained, monkeypatch
 
 
 def test_sequence_log_probs_batched_equals_each_alone(trained):
-    model, _ = trained
+    model, _, _ = trained
     samples = evaluation_samples(_tasks(3, 1, seed=3))
     prompts = [torch.from_numpy(encode_prompt(s, MAX_LENGTH)) for s in samples]
     targets = [torch.tensor([1, 2, 3, 10, 14]), torch.tensor([5, 10, 14]), torch.tensor([0, 0, 10, 0, 0, 10, 14])]
@@ -99,7 +111,7 @@ def _direct_log_prob(model, prompt: torch.Tensor, target: torch.Tensor) -> float
 
 
 def test_product_scoring_ranks_by_log_probs_summed_over_the_views(trained):
-    model, _ = trained
+    model, _, _ = trained
     sample = evaluation_samples(_tasks(1, 1, seed=11))[0]
     prediction = predict_samples(model, [sample], views=4, max_length=MAX_LENGTH, precision=FP32)[0]
     right, query = sample.target, sample.query
@@ -180,7 +192,7 @@ def _cli(tmp_path, *argv):
 
 
 def test_cli_writes_a_valid_submission_and_scores_it(trained, tmp_path, capsys):
-    _, folder = trained
+    _, folder, _ = trained
     tasks = _tasks(4, 1, seed=21, tests=2) + _tasks(2, 1, seed=22)
     challenges = _kaggle_files(tmp_path, "eval", tasks, solutions=True, bad_task=True)
     submission, report = tmp_path / "out" / "submission.json", tmp_path / "report.json"
@@ -200,11 +212,10 @@ def test_cli_writes_a_valid_submission_and_scores_it(trained, tmp_path, capsys):
 
 
 def test_cli_from_a_checkpoint_without_solutions_matches_the_saved_model(trained, tmp_path):
-    model, folder = trained
+    _, folder, _ = trained
     tasks = _tasks(3, 1, seed=31)
     challenges = _kaggle_files(tmp_path, "test", tasks, solutions=False)
-    checkpoint = save_checkpoint(tmp_path / "run" / "checkpoints", 250, {"model": model.state_dict()},
-                                 {"model_config": model.config.to_dict(), "vocabulary": list(SYMBOLS)}, keep=1)
+    checkpoint = _checkpoint(tmp_path / "run" / "checkpoints", trained)
     outputs = []
     for source in (folder, checkpoint, tmp_path / "run"):
         submission, report = tmp_path / "s.json", tmp_path / "r.json"
@@ -216,7 +227,7 @@ def test_cli_from_a_checkpoint_without_solutions_matches_the_saved_model(trained
 
 
 def test_time_budget_gives_later_tasks_fewer_views_and_still_writes_every_answer(trained, tmp_path, monkeypatch):
-    _, folder = trained
+    _, folder, _ = trained
     real = evaluation.predict_samples
 
     def slow(*args, **kwargs):
@@ -248,7 +259,7 @@ def _one_line_error(capsys, argv) -> str:
 
 
 def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
-    _, folder = trained
+    _, folder, _ = trained
     challenges = _kaggle_files(tmp_path, "x", _tasks(1, 1, seed=1), solutions=False)
     sub = tmp_path / "s.json"
     assert "no such folder" in _one_line_error(capsys, ["--model", str(tmp_path / "nope"), "--data", str(challenges),
@@ -269,13 +280,14 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
 
 
 def test_a_checkpoint_of_another_architecture_or_weights_is_refused(trained, tmp_path):
-    model, _ = trained
+    model, _, _ = trained
     config = model.config.to_dict()
-    for i, (meta, state) in enumerate([({"model_config": {**config, "model_type": "llama"}}, model.state_dict()),
-                                       ({"model_config": {**config, "hidden_size": 32}}, model.state_dict()),
-                                       ({"model_config": config}, {"lm_head.lora_A.weight": torch.zeros(1)})]):
-        step = save_checkpoint(tmp_path / f"c{i}", 1, {"model": state}, meta, keep=1)
-        with pytest.raises(UserError):
+    cases = [({}, {"model_config": {**config, "model_type": "llama"}}, "not a Qwen architecture"),
+             ({}, {"model_config": {**config, "hidden_size": 32}}, "do not fit"),
+             ({"model": {**model.state_dict(), "lm_head.lora_A.weight": torch.zeros(1)}}, {}, "LoRA")]
+    for i, (state, meta, words) in enumerate(cases):
+        step = _checkpoint(tmp_path / f"c{i}", trained, state, meta)
+        with pytest.raises(UserError, match=words):
             evaluation.load_for_inference(step)
 
 

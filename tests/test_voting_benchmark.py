@@ -19,7 +19,8 @@ def test_each_task_recolours_its_own_colour_and_the_rule_needs_the_demonstration
     for task in tasks:
         assert len(task.train) in (3, 4) and len(task.test) == 1
         pairs = task.train + task.test
-        (a,), (b,) = {int(c) for i, _ in pairs for c in i.ravel() if c}, {int(c) for _, o in pairs for c in o.ravel() if c}
+        (a,) = {int(c) for i, _ in pairs for c in i.ravel() if c}
+        (b,) = {int(c) for _, o in pairs for c in o.ravel() if c}
         assert a != b and all(np.array_equal(o, np.where(i == a, b, 0)) for i, o in pairs)
         rules.add((a, b))
     assert len(rules) > 10
@@ -35,4 +36,5 @@ def test_benchmark_runs_and_reports_greedy_voted_and_test_time_training(tmp_path
     for stage in ("before_ttt", "after_ttt"):
         assert report[stage]["greedy"]["views"] == 1 and report[stage]["voted"]["views"] == 4
         assert report[stage]["product"]["score"] == "product" and report[stage]["voted"]["tasks"] == 4
+    assert report["control_more_training"]["voted"]["tasks"] == 4 and report["ttt"] == "per-task"
     assert "load_average_1_5_15min" in report and "voted pass@2" in capsys.readouterr().out
