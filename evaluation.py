@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -408,18 +407,6 @@ def _model_from_checkpoint(folder: Path) -> torch.nn.Module:
     return model
 
 
-def duration_with_unit(text: str) -> float:
-    """argparse type: seconds in '2h', '90m', '45s' (a unit is required, so '2' is not read as 2 s)."""
-    from throughput_report import parse_duration
-
-    if not re.search(r"[a-zA-Z]\s*$", text):
-        raise argparse.ArgumentTypeError(f"{text!r} needs a unit: e.g. 2h, 90m or 45s")
-    try:
-        return parse_duration(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 @dataclass(frozen=True)
 class PredictSettings:
     """The submission run's settings, checked once after parsing."""
@@ -445,9 +432,9 @@ SAFETY_SECONDS = 10.0        # kept back from --time-budget for writing the file
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from cli_common import HelpFormatter, positive_int
+    from cli_common import Parser, duration_arg, positive_int
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = Parser(description=__doc__)  # one-line flag errors, no abbreviations (as the other scripts)
     parser.add_argument("--model", help="a run's final model/ folder, a checkpoint step-N/ folder, or a run folder")
     parser.add_argument("--data", help="the Kaggle *_challenges.json to predict (or any --data format of the trainer)")
     parser.add_argument("--submission", type=Path, help="where to write submission.json (atomically)")
@@ -457,17 +444,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score", choices=SCORES, default="votes",
                         help="rank candidates by votes (ties: summed log-probability over the views) or by "
                              "the summed log-probability ('product' of the views' probabilities)")
-    parser.add_argument("--time-budget", type=duration_with_unit, default=None, metavar="DURATION",
+    parser.add_argument("--time-budget", type=duration_arg, default=None, metavar="DURATION",
                         help="finish within this time (2h, 90m, 45s): fewer views for the remaining tasks "
                              "when time runs short, the fallback when none is left")
-    parser.add_argument("--task-cap", type=duration_with_unit, default=None, metavar="DURATION",
+    parser.add_argument("--task-cap", type=duration_arg, default=None, metavar="DURATION",
                         help="most time one task may take (default with --time-budget: 3x its fair share of "
                              "the time left)")
     parser.add_argument("--json", type=Path, default=None, help="write the run's report (and scores) as JSON")
     parser.add_argument("--check", type=Path, default=None, metavar="FILE",
                         help="only validate a submission file (against --data's challenges when given)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", help="auto (bf16/fp16 on a GPU, fp32 on CPU), fp16, bf16, fp32")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                        help="auto: bf16 where native, fp16 on GPUs without bf16 (T4), fp32 on CPU")
     parser.add_argument("--max-length", type=positive_int, default=8192,
                         help="longest prompt + answer in tokens; longer prompts drop demonstrations")
     parser.add_argument("--seed", type=int, default=0, help="seed of the augmented views")

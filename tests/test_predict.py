@@ -291,7 +291,14 @@ def test_a_checkpoint_of_another_architecture_or_weights_is_refused(trained, tmp
             evaluation.load_for_inference(step)
 
 
-def test_time_budget_needs_a_unit():
-    assert evaluation.duration_with_unit("90m") == 5400 and evaluation.duration_with_unit("45s") == 45
-    with pytest.raises(Exception, match="needs a unit"):
-        evaluation.duration_with_unit("2")
+def test_time_budget_needs_a_unit(tmp_path):
+    """The submission CLI reads durations as the other scripts do: a bare number is refused, in one line."""
+    base = ["--model", str(tmp_path), "--data", str(tmp_path / "c.json"), "--submission", str(tmp_path / "s.json")]
+    for flag in ("--time-budget", "--task-cap"):
+        with pytest.raises(UserError, match="needs a unit"):
+            evaluation.parse_args([*base, "--time-budget", "1h", flag, "2"] if flag == "--task-cap"
+                                  else [*base, flag, "2"])
+    args = evaluation.parse_args([*base, "--time-budget", "90m", "--task-cap", "45s"])
+    assert (args.time_budget, args.task_cap) == (5400, 45)
+    with pytest.raises(UserError, match="unrecognized arguments: --view"):
+        evaluation.parse_args([*base, "--view", "8"])  # no abbreviations
