@@ -141,19 +141,32 @@ class EpochBar(tqdm):
 
 
 
+REPORT_TO = ("none", "tensorboard")
+TENSORBOARD_DIR = "tensorboard"
+# The numbers a metrics.jsonl line carries that TensorBoard plots; the tag's prefix says which line they came
+# from: train/ (a log step's interval), epoch/ (an epoch's line), eval/ (an evaluation, in an epoch's or an
+# eval line). The x axis is the optimizer step.
+TENSORBOARD_SCALARS = ("loss", "lr", "tokens_per_second", "epoch_seconds", "skipped_steps")
+TENSORBOARD_EVAL_SCALARS = ("eval_accuracy", "eval_task_accuracy", "eval_greedy_accuracy", "eval_pass2_voted",
+                            "eval_task_pass2_voted", "eval_seconds")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended and flushed as it happens. Only rank 0 of a
-    torchrun group writes (`enabled`); the other ranks' writes are no-ops."""
+    torchrun group writes (`enabled`); the other ranks' writes are no-ops. With `report_to="tensorboard"`
+    the same numbers also go to TensorBoard event files in `<folder>/tensorboard/` (TensorBoardSink)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, report_to: str = "none"):
         self.path = path
         self.enabled = enabled
+        self.sink = TensorBoardSink(path.parent / TENSORBOARD_DIR) if enabled and report_to == "tensorboard" else None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self._report(record)
 
     def records(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
@@ -162,8 +175,60 @@ class MetricsLog:
         """Start from `source`'s lines up to the resumed checkpoint's step (later ones are redone)."""
         if not self.enabled:
             return
+        self._report_resumed_at(up_to_step)
         kept = [r for r in read_metrics(source) if r.get("step", 0) <= up_to_step]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard files (metrics.jsonl needs nothing: each line is closed as written)."""
+        if self.sink is not None:
+            self.sink.close()
+
+    def _report(self, record: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.write(record)
+
+    def _report_resumed_at(self, step: int) -> None:
+        if self.sink is not None:
+            self.sink.purge_step = step + 1  # the resumed run redoes every step after the checkpoint's
+
+
+class TensorBoardSink:
+    """metrics.jsonl's numbers as TensorBoard scalars (`torch.utils.tensorboard.SummaryWriter`, imported on
+    the first write: importing it takes seconds). The writer opens with `purge_step`: 0 for a new run (events
+    of an earlier run in the same folder are hidden), the step after the checkpoint for a resumed one, so
+    TensorBoard drops the steps the crashed run logged past it and shows the redone ones once. Flushed at
+    every epoch and evaluation line; SummaryWriter's own thread flushes the others every 2 minutes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.purge_step: int | None = 0
+        self.writer: Any = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        kind, step = record.get("kind"), record.get("step")
+        if step is None:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=self.purge_step)
+            self.purge_step = None  # a writer reopened after close() appends
+        prefix = {"step": "train", "epoch": "epoch"}.get(kind)
+        for key in TENSORBOARD_SCALARS if prefix else ():
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        for key in TENSORBOARD_EVAL_SCALARS:
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"eval/{key}", value, step)
+        if kind in ("epoch", "eval"):
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -70,7 +70,7 @@ from distributed import DistributedContext
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 from evaluation import EvalResult, evaluate, merge_results
 from model import count_parameters, save_model
-from run_monitor import EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics
+from run_monitor import REPORT_TO, EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics
 from run_plan import (METRICS_FILE, MODEL_DIR, PLAN_FIELDS, RUNS_DIR, RunPlan, benchmark_cost_model, make_plan,
                       plan_evaluation, plural, read_benchmark)
 from run_setup import TrainingParts, build_training_data, build_training_step, describe_long_batches
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-bad-steps", type=positive_int, default=20,
                      help="stop after this many optimizer steps in a row with a non-finite loss or gradient "
                           "(fp16: skipped by the GradScaler; without the scaler the first one stops the run)")
+    run.add_argument("--report-to", choices=REPORT_TO, default="none",
+                     help="also write metrics.jsonl's numbers (loss, lr, tokens/s, epoch time, eval accuracies) "
+                          "as TensorBoard event files in <output-dir>/tensorboard/ (view them with "
+                          "tensorboard --logdir runs/)")
     run.add_argument("--early-stop", type=non_negative_int, default=0,
                      help="stop after N evaluations in a row without a better eval accuracy (0: off)")
     return parser
@@ -237,7 +241,7 @@ def join_group(args: argparse.Namespace, resume_from: Path | None) -> Distribute
     return ctx
 
 
-def prepare_output(plan: RunPlan, ctx: DistributedContext) -> MetricsLog:
+def prepare_output(plan: RunPlan, ctx: DistributedContext, report_to: str = "none") -> MetricsLog:
     """The output folder (rank 0 creates it and clears a crashed save's leftovers) and its metrics log."""
     if ctx.is_main:
         try:
@@ -245,7 +249,7 @@ def prepare_output(plan: RunPlan, ctx: DistributedContext) -> MetricsLog:
         except OSError as err:
             raise UserError(f"--output-dir {plan.output_dir}: cannot create it ({err.strerror})") from None
         checkpointing.remove_stale_temporaries(plan.checkpoint_dir)
-    return MetricsLog(plan.metrics_path, enabled=ctx.is_main)
+    return MetricsLog(plan.metrics_path, enabled=ctx.is_main, report_to=report_to)
 
 
 @dataclass
@@ -316,7 +320,7 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         batches_per_epoch = distributed.steps_per_epoch(data.num_batches(0), ctx.world_size)
         benchmark, epochs, max_batches, benchmark_notes = read_benchmark(args, current, batches_per_epoch)
         plan = make_plan(args, data, ctx, epochs, max_batches, evaluation, resume_from, started)
-        metrics = prepare_output(plan, ctx)
+        metrics = prepare_output(plan, ctx, args.report_to)
         parts = build_training_step(args, ctx, precision, plan.total_steps, data)
         info = RunInfo(args, device_info, precision, tasks.description, started)
         notes = notes + benchmark_notes
@@ -348,6 +352,7 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         if outcome in ("completed", "time budget", "early stop"):
             final_model = loop.save_final_model(outcome)
         loop.plot()
+        metrics.close()
         return finish(info, plan, loop, outcome, final_model)
     finally:
         ctx.cleanup()  # leave the torchrun group, also after an error, so torchrun ends cleanly
