@@ -245,11 +245,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Loss and eval accuracy against epochs (fractional: epoch + batches done / batches), as a PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    """Loss and eval accuracy (greedy, and the voted pass@2 when evaluation used several views) against the
+    optimizer step, epoch ends marked, as a PNG.
 
-    def position(r: dict[str, Any]) -> float:
-        return r["epoch"] + r.get("batch", r["batches"]) / max(1, r["batches"])
+    The x axis is the step, not a fraction of an epoch: a line's `batches` is what the epoch trained (under
+    --max-batches, a share of the data's epoch the log does not record), so "epoch 0.5-1.0" would misstate a
+    100-batch smoke run. Points carry markers while there are few of them, so a resumed run's first line shows.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r for r in records if r.get("kind") == "step" and math.isfinite(r.get("loss", math.nan))]
     epochs = [r for r in records if r.get("kind") == "epoch" and math.isfinite(r.get("loss", math.nan))]
@@ -259,24 +263,42 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
     figure = Figure(figsize=(8, 6.5), layout="constrained")
     loss_axes, eval_axes = figure.subplots(2, 1, sharex=True)
     if steps:
-        loss_axes.plot([position(r) for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6,
-                       label="training loss (log interval mean)")
+        loss_axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.7,
+                       marker="." if len(steps) <= 60 else None, label="training loss (log interval mean)")
     if epochs:
-        loss_axes.plot([r["epoch"] + 1 for r in epochs], [r["loss"] for r in epochs], "o-", label="epoch mean")
+        loss_axes.plot([r["step"] for r in epochs], [r["loss"] for r in epochs], "o-", label="epoch mean")
+    for axes in (loss_axes, eval_axes):
+        for r in epochs:
+            axes.axvline(r["step"], color="grey", lw=0.8, ls=":")
+    if epochs:  # the epochs along the top: how many were done at each dotted line
+        top = loss_axes.secondary_xaxis("top")
+        top.set_xticks([r["step"] for r in epochs], labels=[str(r["epoch"] + 1) for r in epochs])
+        sizes = sorted({r["batches"] for r in epochs})
+        top.set_xlabel("epochs done" + (f" ({sizes[0]} batches each)" if len(sizes) == 1 else ""), fontsize=9)
     loss_axes.set_ylabel("loss (cross-entropy on output grids)")
     loss_axes.legend(loc="upper right")
     loss_axes.grid(alpha=0.3)
     if evals:
-        attempts = evals[-1].get("eval_attempts", 1)
-        eval_axes.plot([position(r) for r in evals], [100 * r["eval_accuracy"] for r in evals], "o-",
-                       label=f"test inputs (pass@{attempts})")
-        eval_axes.plot([position(r) for r in evals], [100 * r["eval_task_accuracy"] for r in evals], "s--",
-                       label="tasks (all test inputs right)")
-        eval_axes.legend(loc="lower right")
+        x = [r["step"] for r in evals]
+        views = max(r.get("eval_views", 1) for r in evals)
+        greedy = [r.get("eval_greedy_accuracy", r["eval_accuracy"]) for r in evals]
+        eval_axes.plot(x, [100 * v for v in greedy], "o-", label="test inputs, greedy (pass@1)")
+        if evals[-1].get("eval_attempts", 1) > 1:
+            eval_axes.plot(x, [100 * r["eval_accuracy"] for r in evals], "^-", label="test inputs, pass@2 "
+                           "(greedy + one augmented view)")
+        if views > 1 and all(r.get("eval_pass2_voted") is not None for r in evals):
+            eval_axes.plot(x, [100 * r["eval_pass2_voted"] for r in evals], "D-",
+                           label=f"test inputs, pass@2 voted over {views} views")
+        eval_axes.plot(x, [100 * r["eval_task_accuracy"] for r in evals], "s--", label="tasks (all test inputs right)")
+        if views > 1 and all(r.get("eval_task_pass2_voted") is not None for r in evals):
+            eval_axes.plot(x, [100 * r["eval_task_pass2_voted"] for r in evals], "D--",
+                           label=f"tasks, pass@2 voted over {views} views")
+        eval_axes.legend(loc="upper left", fontsize=9)
     else:
         eval_axes.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=eval_axes.transAxes)
     eval_axes.set_ylabel("exact match (%)")
-    eval_axes.set_xlabel("epoch")
+    eval_axes.set_xlabel("optimizer step (dotted: epoch ends)")
+    eval_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     eval_axes.set_ylim(-2, 102)
     eval_axes.grid(alpha=0.3)
     temporary = path.with_name(f".{path.stem}.tmp.png")
