@@ -75,8 +75,8 @@ from run_plan import (METRICS_FILE, MODEL_DIR, PLAN_FIELDS, RUNS_DIR, RunPlan, b
                       plan_evaluation, plural, read_benchmark)
 from run_setup import TrainingParts, build_training_data, build_training_step, describe_long_batches
 from stopping import STOP_CHECK_SECONDS, NonFiniteGuard, StopRequest, StopRules, early_stop_due
-from training import (describe_device, load_optimizer_state, out_of_memory_as_user_error, resolve_device,
-                      resolve_precision, synchronize)
+from training import (describe_device, describe_schedule, load_optimizer_state, out_of_memory_as_user_error,
+                      resolve_device, resolve_precision, synchronize)
 
 SCRIPT = "trainloop_gpu_finetuned.py"
 
@@ -388,8 +388,8 @@ def banner(info: RunInfo, plan: RunPlan, parts: TrainingParts, data: Any, ctx: D
         + (f"; {recompute}" if recompute else ""),
         f"schedule: {plural(plan.epochs, 'epoch')}, {sum(plan.epoch_batches)} batches"
         + (" per process" if ctx.is_distributed else "") + f", {plan.total_steps} "
-        f"optimizer steps (grad accum {args.grad_accum}); lr {args.lr:g}, "
-        f"{min(args.warmup_steps, plan.total_steps)} warm-up steps then cosine to 0",
+        f"optimizer steps (grad accum {args.grad_accum}); "
+        + describe_schedule(args.lr, plan.total_steps, args.warmup_steps),
         "evaluation: " + (f"{len(evaluation.tasks)} tasks with known outputs from {evaluation.description}; greedy, "
                           f"{plural(evaluation.attempts, 'attempt')}"
                           + (f", and pass@2 voted over {evaluation.views} augmented views ({evaluation.score})"
