@@ -272,7 +272,9 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
             axes.axvline(r["step"], color="grey", lw=0.8, ls=":")
     if epochs:  # the epochs along the top: how many were done at each dotted line
         top = loss_axes.secondary_xaxis("top")
-        top.set_xticks([r["step"] for r in epochs], labels=[str(r["epoch"] + 1) for r in epochs])
+        every = math.ceil(len(epochs) / 12)  # at most ~12 labels, the last epoch always among them
+        shown = [r for i, r in enumerate(epochs) if (len(epochs) - 1 - i) % every == 0]
+        top.set_xticks([r["step"] for r in shown], labels=[str(r["epoch"] + 1) for r in shown])
         sizes = sorted({r["batches"] for r in epochs})
         top.set_xlabel("epochs done" + (f" ({sizes[0]} batches each)" if len(sizes) == 1 else ""), fontsize=9)
     loss_axes.set_ylabel("loss (cross-entropy on output grids)")
