@@ -24,7 +24,8 @@ What it does, per epoch: trains on every leave-one-out sample (3232 on ARC-AGI-2
 whose ETA comes from the tokens still to go (sample lengths vary ~100x, so counting batches would swing),
 evaluates exact-match accuracy on held-out test inputs (greedy decoding; pass@2 with --eval-attempts 2;
 with --eval-views K also the pass@2 voted over K augmented views, the ARC winners' way),
-appends to metrics.jsonl, checkpoints atomically, and redraws training_curves.png. At the end it saves the
+appends to metrics.jsonl (and with --report-to tensorboard to event files in <output-dir>/tensorboard/),
+checkpoints atomically, and redraws training_curves.png. At the end it saves the
 final model (model.save_model) and prints where everything is.
 
 Stopping: Ctrl-C or SIGTERM finishes the current batch, saves a checkpoint, prints the resume command and
