@@ -42,7 +42,7 @@ def assert_same(actual, wanted) -> None:
 
 def test_tensorboard_event_files_match_metrics_jsonl_and_a_resume_appends(tmp_path):
     data = write_tasks(tmp_path / "tasks.json", 4, 3, seed=0)
-    argv = tiny_args(tmp_path, "run", "--epochs", "2", "--report-to", "tensorboard", data=data)
+    argv = tiny_args(tmp_path, "run", "--epochs", "2", "--report-to", "tensorboard", "--eval-views", "2", data=data)
     argv[argv.index("--eval-tasks") + 1] = "2"
     assert trainloop.main(argv) == 0
     run = tmp_path / "run"
