@@ -151,6 +151,15 @@ TENSORBOARD_EVAL_SCALARS = ("eval_accuracy", "eval_task_accuracy", "eval_greedy_
                             "eval_task_pass2_voted", "eval_seconds")
 
 
+def report_to_problems(report_to: str) -> list[str]:
+    """What stops `--report-to` from working here, found before the run starts (not at its first log line)."""
+    import importlib.util
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return ["--report-to tensorboard needs the tensorboard package: pip install -r requirements.txt "
+                "(or pip install tensorboard)"]
+    return []
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended and flushed as it happens. Only rank 0 of a
     torchrun group writes (`enabled`); the other ranks' writes are no-ops. With `report_to="tensorboard"`

@@ -71,7 +71,8 @@ from distributed import DistributedContext
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 from evaluation import EvalResult, evaluate, merge_results
 from model import count_parameters, save_model
-from run_monitor import REPORT_TO, EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics
+from run_monitor import (REPORT_TO, EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics,
+                         report_to_problems)
 from run_plan import (METRICS_FILE, MODEL_DIR, PLAN_FIELDS, RUNS_DIR, RunPlan, benchmark_cost_model, make_plan,
                       plan_evaluation, plural, read_benchmark)
 from run_setup import TrainingParts, build_training_data, build_training_step, describe_long_batches
@@ -146,6 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
 def validate_args(args: argparse.Namespace) -> list[str]:
     """Every problem with the arguments at once, before anything heavy is loaded."""
     problems = validate_shared_args(args)
+    problems += report_to_problems(getattr(args, "report_to", "none"))
     if args.epochs == "auto":
         if args.time_budget is None or args.throughput_json is None:
             problems.append("--epochs auto needs --time-budget and --throughput-json (from measure_throughput.py "

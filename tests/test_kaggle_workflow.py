@@ -56,7 +56,8 @@ def test_test_time_training_from_a_saved_model_on_challenges_without_solutions(t
     submission = tmp_path / "submission.json"
     assert evaluation.main(["--model", str(ttt / "model"), "--data", str(challenges), "--submission",
                             str(submission), "--views", "2", "--time-budget", "2m", "--device", "cpu"]) == 0
-    assert check_submission_file(submission, challenges) == {task_id: 1 for task_id in json.loads(challenges.read_text())}
+    tasks = json.loads(challenges.read_text())
+    assert check_submission_file(submission, challenges) == {task_id: 1 for task_id in tasks}
     content = json.loads(submission.read_text())
     assert all(set(entry) == {"attempt_1", "attempt_2"} for entries in content.values() for entry in entries)
     assert evaluation.main(["--check", str(submission), "--data", str(challenges)]) == 0

@@ -127,7 +127,8 @@ def test_plot_x_axis_is_the_step_and_shows_greedy_and_voted_pass2(monkeypatch, t
     loss_axes, eval_axes = drawn(monkeypatch, lines, tmp_path).axes[:2]
     assert list(loss_axes.lines[0].get_xdata()) == [50, 100]
     assert "optimizer step" in eval_axes.get_xlabel()
-    curves = {line.get_label(): list(line.get_ydata()) for line in eval_axes.lines if not line.get_label().startswith("_")}
+    curves = {line.get_label(): list(line.get_ydata()) for line in eval_axes.lines
+              if not line.get_label().startswith("_")}
     assert curves["test inputs, greedy (pass@1)"] == [pytest.approx(10)]
     assert curves["test inputs, pass@2 voted over 8 views"] == [pytest.approx(30)]
     assert curves["tasks, pass@2 voted over 8 views"] == [pytest.approx(20)]

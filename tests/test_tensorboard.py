@@ -66,3 +66,15 @@ def test_tensorboard_event_files_match_metrics_jsonl_and_a_resume_appends(tmp_pa
 def test_report_to_none_writes_no_event_files(tmp_path):
     assert trainloop.main(tiny_args(tmp_path, "run", "--epochs", "1", "--max-batches", "2")) == 0
     assert not (tmp_path / "run" / run_monitor.TENSORBOARD_DIR).exists()
+
+
+def test_report_to_tensorboard_without_the_package_is_one_line_before_the_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    from errors import UserError
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    with pytest.raises(UserError, match="--report-to tensorboard needs the tensorboard package"):
+        trainloop.main(tiny_args(tmp_path, "run", "--report-to", "tensorboard"))
+    assert not (tmp_path / "run").exists()
