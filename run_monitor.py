@@ -141,19 +141,41 @@ class EpochBar(tqdm):
 
 
 
+REPORT_TO = ("none", "tensorboard")
+TENSORBOARD_DIR = "tensorboard"
+# The numbers a metrics.jsonl line carries that TensorBoard plots; the tag's prefix says which line they came
+# from: train/ (a log step's interval), epoch/ (an epoch's line), eval/ (an evaluation, in an epoch's or an
+# eval line). The x axis is the optimizer step.
+TENSORBOARD_SCALARS = ("loss", "lr", "tokens_per_second", "epoch_seconds", "skipped_steps")
+TENSORBOARD_EVAL_SCALARS = ("eval_accuracy", "eval_task_accuracy", "eval_greedy_accuracy", "eval_pass2_voted",
+                            "eval_task_pass2_voted", "eval_seconds")
+
+
+def report_to_problems(report_to: str) -> list[str]:
+    """What stops `--report-to` from working here, found before the run starts (not at its first log line)."""
+    import importlib.util
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return ["--report-to tensorboard needs the tensorboard package: pip install -r requirements.txt "
+                "(or pip install tensorboard)"]
+    return []
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended and flushed as it happens. Only rank 0 of a
-    torchrun group writes (`enabled`); the other ranks' writes are no-ops."""
+    torchrun group writes (`enabled`); the other ranks' writes are no-ops. With `report_to="tensorboard"`
+    the same numbers also go to TensorBoard event files in `<folder>/tensorboard/` (TensorBoardSink)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, report_to: str = "none"):
         self.path = path
         self.enabled = enabled
+        self.sink = TensorBoardSink(path.parent / TENSORBOARD_DIR) if enabled and report_to == "tensorboard" else None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self._report(record)
 
     def records(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
@@ -162,8 +184,60 @@ class MetricsLog:
         """Start from `source`'s lines up to the resumed checkpoint's step (later ones are redone)."""
         if not self.enabled:
             return
+        self._report_resumed_at(up_to_step)
         kept = [r for r in read_metrics(source) if r.get("step", 0) <= up_to_step]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard files (metrics.jsonl needs nothing: each line is closed as written)."""
+        if self.sink is not None:
+            self.sink.close()
+
+    def _report(self, record: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.write(record)
+
+    def _report_resumed_at(self, step: int) -> None:
+        if self.sink is not None:
+            self.sink.purge_step = step + 1  # the resumed run redoes every step after the checkpoint's
+
+
+class TensorBoardSink:
+    """metrics.jsonl's numbers as TensorBoard scalars (`torch.utils.tensorboard.SummaryWriter`, imported on
+    the first write: importing it takes seconds). The writer opens with `purge_step`: 0 for a new run (events
+    of an earlier run in the same folder are hidden), the step after the checkpoint for a resumed one, so
+    TensorBoard drops the steps the crashed run logged past it and shows the redone ones once. Flushed at
+    every epoch and evaluation line; SummaryWriter's own thread flushes the others every 2 minutes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.purge_step: int | None = 0
+        self.writer: Any = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        kind, step = record.get("kind"), record.get("step")
+        if step is None:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=self.purge_step)
+            self.purge_step = None  # a writer reopened after close() appends
+        prefix = {"step": "train", "epoch": "epoch"}.get(kind)
+        for key in TENSORBOARD_SCALARS if prefix else ():
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        for key in TENSORBOARD_EVAL_SCALARS:
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"eval/{key}", value, step)
+        if kind in ("epoch", "eval"):
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -180,11 +254,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Loss and eval accuracy against epochs (fractional: epoch + batches done / batches), as a PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    """Loss and eval accuracy (greedy, and the voted pass@2 when evaluation used several views) against the
+    optimizer step, epoch ends marked, as a PNG.
 
-    def position(r: dict[str, Any]) -> float:
-        return r["epoch"] + r.get("batch", r["batches"]) / max(1, r["batches"])
+    The x axis is the step, not a fraction of an epoch: a line's `batches` is what the epoch trained (under
+    --max-batches, a share of the data's epoch the log does not record), so "epoch 0.5-1.0" would misstate a
+    100-batch smoke run. Points carry markers while there are few of them, so a resumed run's first line shows.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r for r in records if r.get("kind") == "step" and math.isfinite(r.get("loss", math.nan))]
     epochs = [r for r in records if r.get("kind") == "epoch" and math.isfinite(r.get("loss", math.nan))]
@@ -194,24 +272,44 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
     figure = Figure(figsize=(8, 6.5), layout="constrained")
     loss_axes, eval_axes = figure.subplots(2, 1, sharex=True)
     if steps:
-        loss_axes.plot([position(r) for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6,
-                       label="training loss (log interval mean)")
+        loss_axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.7,
+                       marker="." if len(steps) <= 60 else None, label="training loss (log interval mean)")
     if epochs:
-        loss_axes.plot([r["epoch"] + 1 for r in epochs], [r["loss"] for r in epochs], "o-", label="epoch mean")
+        loss_axes.plot([r["step"] for r in epochs], [r["loss"] for r in epochs], "o-", label="epoch mean")
+    for axes in (loss_axes, eval_axes):
+        for r in epochs:
+            axes.axvline(r["step"], color="grey", lw=0.8, ls=":")
+    if epochs:  # the epochs along the top: how many were done at each dotted line
+        top = loss_axes.secondary_xaxis("top")
+        every = math.ceil(len(epochs) / 12)  # at most ~12 labels, the last epoch always among them
+        shown = [r for i, r in enumerate(epochs) if (len(epochs) - 1 - i) % every == 0]
+        top.set_xticks([r["step"] for r in shown], labels=[str(r["epoch"] + 1) for r in shown])
+        sizes = sorted({r["batches"] for r in epochs})
+        top.set_xlabel("epochs done" + (f" ({sizes[0]} batches each)" if len(sizes) == 1 else ""), fontsize=9)
     loss_axes.set_ylabel("loss (cross-entropy on output grids)")
     loss_axes.legend(loc="upper right")
     loss_axes.grid(alpha=0.3)
     if evals:
-        attempts = evals[-1].get("eval_attempts", 1)
-        eval_axes.plot([position(r) for r in evals], [100 * r["eval_accuracy"] for r in evals], "o-",
-                       label=f"test inputs (pass@{attempts})")
-        eval_axes.plot([position(r) for r in evals], [100 * r["eval_task_accuracy"] for r in evals], "s--",
-                       label="tasks (all test inputs right)")
-        eval_axes.legend(loc="lower right")
+        x = [r["step"] for r in evals]
+        views = max(r.get("eval_views", 1) for r in evals)
+        greedy = [r.get("eval_greedy_accuracy", r["eval_accuracy"]) for r in evals]
+        eval_axes.plot(x, [100 * v for v in greedy], "o-", label="test inputs, greedy (pass@1)")
+        if evals[-1].get("eval_attempts", 1) > 1:
+            eval_axes.plot(x, [100 * r["eval_accuracy"] for r in evals], "^-", label="test inputs, pass@2 "
+                           "(greedy + one augmented view)")
+        if views > 1 and all(r.get("eval_pass2_voted") is not None for r in evals):
+            eval_axes.plot(x, [100 * r["eval_pass2_voted"] for r in evals], "D-",
+                           label=f"test inputs, pass@2 voted over {views} views")
+        eval_axes.plot(x, [100 * r["eval_task_accuracy"] for r in evals], "s--", label="tasks (all test inputs right)")
+        if views > 1 and all(r.get("eval_task_pass2_voted") is not None for r in evals):
+            eval_axes.plot(x, [100 * r["eval_task_pass2_voted"] for r in evals], "D--",
+                           label=f"tasks, pass@2 voted over {views} views")
+        eval_axes.legend(loc="upper left", fontsize=9)
     else:
         eval_axes.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=eval_axes.transAxes)
     eval_axes.set_ylabel("exact match (%)")
-    eval_axes.set_xlabel("epoch")
+    eval_axes.set_xlabel("optimizer step (dotted: epoch ends)")
+    eval_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     eval_axes.set_ylim(-2, 102)
     eval_axes.grid(alpha=0.3)
     temporary = path.with_name(f".{path.stem}.tmp.png")

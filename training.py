@@ -246,6 +246,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+
+def describe_schedule(lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> str:
+    """What build_scheduler's schedule really does over `total_steps`, in the banner's words. A run no longer
+    than its warm-up never decays: the lr climbs for the whole run and ends near its peak."""
+    total_steps = max(1, total_steps)
+    floor = "0" if min_lr_ratio == 0 else f"{lr * min_lr_ratio:g}"
+    if warmup_steps >= total_steps:
+        last = lr * total_steps / (min(warmup_steps, total_steps) + 1)
+        return (f"lr rises linearly for all {total_steps} steps to {last:.3g} (peak {lr:g}), with no decay: the run "
+                f"is no longer than --warmup-steps {warmup_steps}; a smaller --warmup-steps leaves room for the "
+                f"cosine decay")
+    if warmup_steps == 0:
+        return f"lr {lr:g}, cosine to {floor} over {total_steps} steps"
+    return f"lr {lr:g}, {warmup_steps} warm-up steps then cosine to {floor} at step {total_steps}"
+
 # ------------------------------------------------------------------------------------------- the step
 
 def autocast(device: torch.device, precision: Precision):

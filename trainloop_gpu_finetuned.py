@@ -24,7 +24,8 @@ What it does, per epoch: trains on every leave-one-out sample (3232 on ARC-AGI-2
 whose ETA comes from the tokens still to go (sample lengths vary ~100x, so counting batches would swing),
 evaluates exact-match accuracy on held-out test inputs (greedy decoding; pass@2 with --eval-attempts 2;
 with --eval-views K also the pass@2 voted over K augmented views, the ARC winners' way),
-appends to metrics.jsonl, checkpoints atomically, and redraws training_curves.png. At the end it saves the
+appends to metrics.jsonl (and with --report-to tensorboard to event files in <output-dir>/tensorboard/),
+checkpoints atomically, and redraws training_curves.png. At the end it saves the
 final model (model.save_model) and prints where everything is.
 
 Stopping: Ctrl-C or SIGTERM finishes the current batch, saves a checkpoint, prints the resume command and
@@ -70,13 +71,14 @@ from distributed import DistributedContext
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 from evaluation import EvalResult, evaluate, merge_results
 from model import count_parameters, save_model
-from run_monitor import EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics
+from run_monitor import (REPORT_TO, EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics,
+                         report_to_problems)
 from run_plan import (METRICS_FILE, MODEL_DIR, PLAN_FIELDS, RUNS_DIR, RunPlan, benchmark_cost_model, make_plan,
                       plan_evaluation, plural, read_benchmark)
 from run_setup import TrainingParts, build_training_data, build_training_step, describe_long_batches
 from stopping import STOP_CHECK_SECONDS, NonFiniteGuard, StopRequest, StopRules, early_stop_due
-from training import (describe_device, load_optimizer_state, out_of_memory_as_user_error, resolve_device,
-                      resolve_precision, synchronize)
+from training import (describe_device, describe_schedule, load_optimizer_state, out_of_memory_as_user_error,
+                      resolve_device, resolve_precision, synchronize)
 
 SCRIPT = "trainloop_gpu_finetuned.py"
 
@@ -123,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-bad-steps", type=positive_int, default=20,
                      help="stop after this many optimizer steps in a row with a non-finite loss or gradient "
                           "(fp16: skipped by the GradScaler; without the scaler the first one stops the run)")
+    run.add_argument("--report-to", choices=REPORT_TO, default="none",
+                     help="also write metrics.jsonl's numbers (loss, lr, tokens/s, epoch time, eval accuracies) "
+                          "as TensorBoard event files in <output-dir>/tensorboard/ (view them with "
+                          "tensorboard --logdir runs/)")
     run.add_argument("--early-stop", type=non_negative_int, default=0,
                      help="stop after N evaluations in a row without a better eval accuracy (0: off)")
     return parser
@@ -141,6 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
 def validate_args(args: argparse.Namespace) -> list[str]:
     """Every problem with the arguments at once, before anything heavy is loaded."""
     problems = validate_shared_args(args)
+    problems += report_to_problems(getattr(args, "report_to", "none"))
     if args.epochs == "auto":
         if args.time_budget is None or args.throughput_json is None:
             problems.append("--epochs auto needs --time-budget and --throughput-json (from measure_throughput.py "
@@ -237,7 +244,7 @@ def join_group(args: argparse.Namespace, resume_from: Path | None) -> Distribute
     return ctx
 
 
-def prepare_output(plan: RunPlan, ctx: DistributedContext) -> MetricsLog:
+def prepare_output(plan: RunPlan, ctx: DistributedContext, report_to: str = "none") -> MetricsLog:
     """The output folder (rank 0 creates it and clears a crashed save's leftovers) and its metrics log."""
     if ctx.is_main:
         try:
@@ -245,7 +252,7 @@ def prepare_output(plan: RunPlan, ctx: DistributedContext) -> MetricsLog:
         except OSError as err:
             raise UserError(f"--output-dir {plan.output_dir}: cannot create it ({err.strerror})") from None
         checkpointing.remove_stale_temporaries(plan.checkpoint_dir)
-    return MetricsLog(plan.metrics_path, enabled=ctx.is_main)
+    return MetricsLog(plan.metrics_path, enabled=ctx.is_main, report_to=report_to)
 
 
 @dataclass
@@ -316,7 +323,7 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         batches_per_epoch = distributed.steps_per_epoch(data.num_batches(0), ctx.world_size)
         benchmark, epochs, max_batches, benchmark_notes = read_benchmark(args, current, batches_per_epoch)
         plan = make_plan(args, data, ctx, epochs, max_batches, evaluation, resume_from, started)
-        metrics = prepare_output(plan, ctx)
+        metrics = prepare_output(plan, ctx, args.report_to)
         parts = build_training_step(args, ctx, precision, plan.total_steps, data)
         info = RunInfo(args, device_info, precision, tasks.description, started)
         notes = notes + benchmark_notes
@@ -348,6 +355,7 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         if outcome in ("completed", "time budget", "early stop"):
             final_model = loop.save_final_model(outcome)
         loop.plot()
+        metrics.close()
         return finish(info, plan, loop, outcome, final_model)
     finally:
         ctx.cleanup()  # leave the torchrun group, also after an error, so torchrun ends cleanly
@@ -383,8 +391,8 @@ def banner(info: RunInfo, plan: RunPlan, parts: TrainingParts, data: Any, ctx: D
         + (f"; {recompute}" if recompute else ""),
         f"schedule: {plural(plan.epochs, 'epoch')}, {sum(plan.epoch_batches)} batches"
         + (" per process" if ctx.is_distributed else "") + f", {plan.total_steps} "
-        f"optimizer steps (grad accum {args.grad_accum}); lr {args.lr:g}, "
-        f"{min(args.warmup_steps, plan.total_steps)} warm-up steps then cosine to 0",
+        f"optimizer steps (grad accum {args.grad_accum}); "
+        + describe_schedule(args.lr, plan.total_steps, args.warmup_steps),
         "evaluation: " + (f"{len(evaluation.tasks)} tasks with known outputs from {evaluation.description}; greedy, "
                           f"{plural(evaluation.attempts, 'attempt')}"
                           + (f", and pass@2 voted over {evaluation.views} augmented views ({evaluation.score})"

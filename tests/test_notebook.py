@@ -1,6 +1,7 @@
 """notebooks/kaggle_t4.ipynb, executed headless with nbclient on the CPU with the tiny model (its
 CPU_SMOKE_TEST flag), so the notebook cannot rot: every cell runs, and its outputs are the benchmark's table,
-a finished training run inside the budget, the curve displayed inline and the submission placeholder."""
+a finished training run inside the budget, the curve displayed inline, and a submission.json written by
+`evaluation.py --submission` from the trained model that the validator accepts."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from submission import check_submission_file
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "kaggle_t4.ipynb"
@@ -42,7 +45,8 @@ def test_the_kaggle_notebook_runs_headless_on_cpu_with_the_tiny_model(tmp_path):
     assert "RECOMMENDED EPOCH COUNTS" in everything
     assert "Training finished" in everything
     assert any("image/png" in shown for _, shown in printed.values())  # the curve, inline
-    assert "evaluation.py" in printed[len(code) - 1][0]
+    predicted = printed[len(code) - 1][0]
+    assert "evaluation.py --model" in predicted and "--submission" in predicted and "--check" in predicted
 
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())
@@ -50,3 +54,7 @@ def test_the_kaggle_notebook_runs_headless_on_cpu_with_the_tiny_model(tmp_path):
     assert (run / "model" / "tokenizer.json").is_file() and (run / "training_curves.png").is_file()
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs and all(r["kind"] != "epoch" or r["loss"] > 0 for r in epochs)
+
+    challenges = ROOT / "data" / "examples" / "kaggle" / "example_challenges.json"
+    answered = check_submission_file(out / "submission.json", challenges)
+    assert answered == {task_id: len(task["test"]) for task_id, task in json.loads(challenges.read_text()).items()}

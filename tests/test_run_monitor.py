@@ -104,3 +104,41 @@ def test_plot_draws_loss_and_eval_accuracy(tmp_path):
     path = run_monitor.plot_metrics(lines, tmp_path / "curves.png")
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
     assert run_monitor.plot_metrics([], tmp_path / "none.png") is None
+
+
+def drawn(monkeypatch, records, tmp_path):
+    """The figure plot_metrics draws for `records` (captured at savefig), and the PNG it wrote."""
+    from matplotlib.figure import Figure
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
+    path = run_monitor.plot_metrics(records, tmp_path / "curves.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    return figures[0]
+
+
+def test_plot_x_axis_is_the_step_and_shows_greedy_and_voted_pass2(monkeypatch, tmp_path):
+    """A 100-batch smoke run (log every 50) is drawn at steps 50 and 100, not at 'epoch 0.5-1.0'; evaluation
+    with 8 views shows the greedy accuracy and the voted pass@2 side by side."""
+    lines = [{"kind": "step", "epoch": 0, "step": s, "batch": s, "batches": 100, "loss": 1.0 / s} for s in (50, 100)]
+    lines.append({"kind": "epoch", "epoch": 0, "step": 100, "batch": 100, "batches": 100, "loss": 0.02,
+                  "eval_accuracy": 0.1, "eval_task_accuracy": 0.05, "eval_greedy_accuracy": 0.1,
+                  "eval_pass2_voted": 0.3, "eval_task_pass2_voted": 0.2, "eval_views": 8, "eval_attempts": 1})
+    loss_axes, eval_axes = drawn(monkeypatch, lines, tmp_path).axes[:2]
+    assert list(loss_axes.lines[0].get_xdata()) == [50, 100]
+    assert "optimizer step" in eval_axes.get_xlabel()
+    curves = {line.get_label(): list(line.get_ydata()) for line in eval_axes.lines
+              if not line.get_label().startswith("_")}
+    assert curves["test inputs, greedy (pass@1)"] == [pytest.approx(10)]
+    assert curves["test inputs, pass@2 voted over 8 views"] == [pytest.approx(30)]
+    assert curves["tasks, pass@2 voted over 8 views"] == [pytest.approx(20)]
+
+
+def test_plot_shows_a_single_point_and_no_voted_curve_for_one_view(monkeypatch, tmp_path):
+    """A resumed run's log may hold one step line: it is drawn with a marker. One view: no voted curve."""
+    lines = [{"kind": "step", "epoch": 0, "step": 7, "batch": 7, "batches": 20, "loss": 1.3},
+             {"kind": "eval", "epoch": 0, "step": 7, "batch": 7, "batches": 20, "eval_accuracy": 0.5,
+              "eval_task_accuracy": 0.5, "eval_greedy_accuracy": 0.5, "eval_pass2_voted": 0.5, "eval_views": 1}]
+    loss_axes, eval_axes = drawn(monkeypatch, lines, tmp_path).axes[:2]
+    assert loss_axes.lines[0].get_marker() not in (None, "None", "") and list(loss_axes.lines[0].get_xdata()) == [7]
+    assert not [line for line in eval_axes.lines if "voted" in line.get_label()]
