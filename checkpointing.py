@@ -51,7 +51,7 @@ _TEMP_PREFIX = ".tmp-"
 META_TYPES: dict[str, Any] = {
     "format": int, "step": int, "epoch": int, "batch": int, "epochs": int, "world_size": int,
     "reason": str, "saved_at": str, "precision": str, "args": dict, "model_config": dict, "device": dict,
-    "vocabulary": list[str], "last_eval": dict | None, "run_id": str | None,
+    "vocabulary": list[str], "last_eval": dict | None, "run_id": str | None, "plan": dict,
 }
 META_REQUIRED = ("step", "epoch", "batch", "args")
 _AT_LEAST = {"step": 0, "epoch": 0, "batch": 0, "epochs": 0, "world_size": 1}
@@ -127,6 +127,18 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], meta: dic
     return final
 
 
+def tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in a (nested) state: about what torch.save writes, for the space a save
+    needs (a full disk's message says it)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(child.stat().st_size for child in Path(path).iterdir() if child.is_file())
 
@@ -187,10 +199,13 @@ def read_meta(path: Path, required: Sequence[str] = META_REQUIRED) -> dict[str, 
     return meta
 
 
-def validate_saved_args(path: Path, saved: Any, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def validate_saved_args(path: Path, saved: Any, parser: argparse.ArgumentParser,
+                        saved_forms: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The run arguments of a checkpoint's meta.json, checked against the parser that made them: each value
     one the flag could have produced (its type function accepts it and gives it back unchanged, a listed
-    choice, a boolean for a switch, null only where the default is null). Unknown keys are dropped."""
+    choice, a boolean for a switch, null only where the default is null). Unknown keys are dropped.
+    `saved_forms` gives, for a flag whose parsed value is not also its text (a duration: '2h' is saved as
+    7200.0), the function that reads the saved value's text back instead of the flag's type."""
     where = f"checkpoint {Path(path) / META_FILE}"
     if not isinstance(saved, dict):
         raise UserError(f"{where}: field 'args' must be an object, got {_kind(saved)}")
@@ -209,7 +224,7 @@ def validate_saved_args(path: Path, saved: Any, parser: argparse.ArgumentParser)
         elif isinstance(value, (list, dict)) or (isinstance(value, float) and not math.isfinite(value)):
             raise UserError(f"{where}: field {field!r} is {_show(value)}, not a value --{key.replace('_', '-')} takes")
         else:
-            convert = action.type or str
+            convert = (saved_forms or {}).get(key) or action.type or str
             try:
                 back = convert(str(value))
             except (ValueError, TypeError, argparse.ArgumentTypeError):
