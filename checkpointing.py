@@ -413,7 +413,7 @@ def _check_loop(loop: Any, where: str, loop_types: Mapping[str, Any]) -> None:
         raise UserError(f"{where}: field 'loop.{missing[0]}' is missing"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
-        raise UserError(f"{where}: field 'loop.{_show(extra[0])}' is not a loop field this trainer knows")
+        raise UserError(f"{where}: field 'loop.{printable(extra[0])[:60]}' is not a loop field this trainer knows")
     for key, expected in loop_types.items():
         _check(loop[key], expected, where, f"loop.{key}")
         if expected is int and loop[key] < 0:
