@@ -145,8 +145,10 @@ def _folder_bytes(path: Path) -> int:
 
 def load_checkpoint(path: Path, loop_types: Mapping[str, Any] | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
-                    parameters: Sequence[torch.nn.Parameter] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    parameters: Sequence[torch.nn.Parameter] | None = None,
+                    model_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a checkpoint folder: (state for torch objects, meta). Tensors come back on the CPU.
+    `model_only`: only the weights will be used (prediction), so only they are required and checked.
 
     The files are untrusted: state.pt is read with `weights_only=True` (no pickled code runs), and meta.json
     and the state's layout are checked before anything uses them (`validate_checkpoint`, with the loop
@@ -168,7 +170,7 @@ def load_checkpoint(path: Path, loop_types: Mapping[str, Any] | None = None,
             reason = _first_line(err)
         raise UserError(f"checkpoint {state_file} cannot be read ({reason}); resume from an older one in "
                         f"{path.parent}") from None
-    validate_checkpoint(path, state, meta, loop_types, optimizer, parameters)
+    validate_checkpoint(path, state, meta, loop_types, optimizer, parameters, model_only)
     return state, meta
 
 
@@ -240,7 +242,7 @@ def validate_saved_args(path: Path, saved: Any, parser: argparse.ArgumentParser,
 
 def validate_checkpoint(path: Path, state: Any, meta: dict[str, Any], loop_types: Mapping[str, Any] | None = None,
                         optimizer: torch.optim.Optimizer | None = None,
-                        parameters: Sequence[torch.nn.Parameter] | None = None) -> None:
+                        parameters: Sequence[torch.nn.Parameter] | None = None, model_only: bool = False) -> None:
     """Check a loaded state.pt before anything uses it; the first problem is a UserError naming the field.
 
     `loop_types`: the trainer's loop-state field names and types, e.g. `typing.get_type_hints(LoopState)`;
@@ -252,13 +254,15 @@ def validate_checkpoint(path: Path, state: Any, meta: dict[str, Any], loop_types
     where = f"checkpoint {Path(path) / STATE_FILE}"
     if not isinstance(state, dict):
         raise UserError(f"{where}: expected a dict of saved states, got {_kind(state)}")
-    for key in STATE_REQUIRED:
+    for key in ("model",) if model_only else STATE_REQUIRED:
         if key not in state:
             raise UserError(f"{where}: field {key!r} is missing")
     model = state["model"]
     if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in model.items()):
         raise UserError(f"{where}: field 'model' must map parameter names to tensors")
+    if model_only:
+        return
     _check_optimizer(state["optimizer"], where, optimizer)
     groups = len(state["optimizer"]["param_groups"])
     _check_scheduler(state["scheduler"], where, groups)

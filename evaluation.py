@@ -380,7 +380,7 @@ def _model_from_checkpoint(folder: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    state, meta = checkpointing.load_checkpoint(folder)
+    state, meta = checkpointing.load_checkpoint(folder, model_only=True)  # prediction uses the weights only
     values = meta.get("model_config")
     if not isinstance(values, dict):
         raise UserError(f"checkpoint {folder}: meta.json has no model_config")

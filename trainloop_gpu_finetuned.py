@@ -288,14 +288,7 @@ def prepare_output(plan: RunPlan, ctx: DistributedContext, resume_from: Path | N
     try:
         if output.lock.note:
             ctx.print(f"warning: {output.lock.note}", file=sys.stderr)
-        if resume_from is None:
-            run_id = run_lock.new_run_id()
-        else:
-            run_id = checkpointing.read_meta(resume_from).get("run_id")
-            if run_id is None and not _same_folder(resume_from.parent.parent, folder):
-                run_id = run_lock.new_run_id()  # a checkpoint from before run ids is at home in its own folder only
-        run_lock.check_same_run(folder, run_id, resuming=resume_from is not None)
-        output.run_id = run_id or run_lock.new_run_id()
+        output.run_id = run_identity(folder, resume_from)
         run_lock.write_run_identity(folder, output.run_id)
         checkpointing.remove_stale_temporaries(plan.checkpoint_dir)
         if resume_from is None:
@@ -304,6 +297,22 @@ def prepare_output(plan: RunPlan, ctx: DistributedContext, resume_from: Path | N
         output.lock.release()
         raise
     return output
+
+
+def run_identity(folder: Path, resume_from: Path | None) -> str:
+    """The run's id (run_lock): a new one for a new run, the checkpoint's on a resume. Refuses a folder that
+    holds another run (`--resume A --output-dir B`), before anything there is emptied or replaced. In the
+    checkpoint's own run folder only differing recorded ids refuse: a checkpoint from before run ids, or a
+    folder copied without its run.json, is at home where it lies."""
+    run_id = None if resume_from is None else checkpointing.read_meta(resume_from).get("run_id")
+    recorded = run_lock.read_run_id(folder)
+    if resume_from is not None and _same_folder(resume_from.parent.parent, folder):
+        if run_id is not None and recorded is not None and run_id != recorded:
+            run_lock.check_same_run(folder, run_id, resuming=True)
+        return run_id or recorded or run_lock.new_run_id()
+    run_id = run_id or run_lock.new_run_id()  # elsewhere a checkpoint without an id is another run's
+    run_lock.check_same_run(folder, run_id, resuming=resume_from is not None)
+    return run_id
 
 
 def _same_folder(a: Path, b: Path) -> bool:

@@ -397,16 +397,32 @@ def test_concurrency_resume_into_another_runs_folder_is_refused(variant: str, ru
     assert snapshot(run_b) == before
 
 
-def test_concurrency_resume_into_an_empty_folder_and_into_its_own(run_a: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """The allowed cases: a copy of the run in a new folder (same run id), and the run's own folder."""
+def test_concurrency_resume_into_an_empty_folder(run_a: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Allowed: the run continued in a new folder, under the same run id."""
     checkpoint = run_a / "checkpoints" / "step-00000002"
     assert train_main(["--resume", str(checkpoint), "--model-name", "tiny", "--output-dir",
                        str(tmp_path / "copy")], capsys)[0] == 0
     assert run_lock.read_run_id(tmp_path / "copy") == run_lock.read_run_id(run_a)
     assert checkpointing.read_meta(checkpointing.latest_checkpoint(tmp_path / "copy" / "checkpoints"))["run_id"] \
         == run_lock.read_run_id(run_a)
-    assert train_main(["--resume", str(checkpoint), "--model-name", "tiny"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("variant", ["as_written", "folder_without_run_json", "checkpoint_without_run_id",
+                                     "neither_has_an_id"])
+def test_concurrency_resume_in_its_own_folder(variant: str, run_a: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Allowed: a checkpoint resumed where it lies, also from before run ids or copied without run.json."""
+    checkpoint = run_a / "checkpoints" / "step-00000002"
+    recorded = run_lock.read_run_id(run_a)
+    if variant in ("folder_without_run_json", "neither_has_an_id"):
+        (run_a / run_lock.RUN_FILE).unlink()
+    if variant in ("checkpoint_without_run_id", "neither_has_an_id"):
+        _meta(lambda m: m.pop("run_id"))(checkpoint)
+    code, out, err = train_main(["--resume", str(checkpoint), "--model-name", "tiny"], capsys)
+    assert code == 0, err
+    if variant != "neither_has_an_id":
+        assert run_lock.read_run_id(run_a) == recorded
+    assert run_lock.read_run_id(run_a) is not None
 
 
 def test_concurrency_new_run_into_a_folder_with_a_model_is_refused(run_b: Path, tmp_path: Path,
