@@ -4,7 +4,8 @@ benchmark's and the submission CLI's argument checks, and Ctrl-C during each scr
 Categories (the test names start with them): disk (full disks, read-only and wrong output folders, during a
 mid-run checkpoint, a metrics line, the plot, the final model), concurrency (two trainers on one folder, a
 resume into another run's folder), checkpoint (tampered files through `--resume`), benchmark_json (hostile
-`--throughput-json` files), data (hostile --data files), signal (SIGINT in the first second). Each case
+`--throughput-json` files), model (damaged saved models as --model-name), data (hostile --data files), signal
+(SIGINT in the first second). Each case
 asserts the exit code, exactly one error line, no traceback, and that nothing was lost: the previous
 checkpoint loads, metrics.jsonl holds whole lines, no `.tmp-*` is left, a refused folder is unchanged.
 The unit-level cases are in test_adversarial_*.py, test_disk_faults.py, test_run_lock.py, test_errors.py.
@@ -663,6 +664,54 @@ def test_benchmark_json_folder_instead_of_a_file(tmp_path: Path, capsys: pytest.
                                 capsys)
     assert_clean(code, out, err, 2)
     assert "--throughput-json" in err and "no such file" in err
+
+
+# ------------------------------------------------------------------------- model: hostile saved models
+
+def _weights(make: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    return lambda folder: (folder / "model.safetensors").write_bytes(make((folder / "model.safetensors").read_bytes()))
+
+
+def _pickled_only(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+
+
+SAVED_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "weights_empty": (_weights(lambda b: b""), "model.safetensors: not a complete safetensors file"),
+    "weights_truncated": (_weights(lambda b: b[: len(b) // 2]), "model.safetensors: not a complete safetensors"),
+    "weights_header_junk": (_weights(lambda b: b"\xff" * 8 + b[8:]), "model.safetensors: not a complete"),
+    "weights_pickled_only": (_pickled_only, "pytorch_model.bin: pickled weights are not loaded"),
+    "weights_missing": (lambda f: (f / "model.safetensors").unlink(), "model.safetensors: missing"),
+    "vocabulary_not_json": (lambda f: (f / "arc_vocabulary.json").write_text("{oops"), "not a readable vocabulary"),
+    "vocabulary_other_symbols": (lambda f: (f / "arc_vocabulary.json").write_text('{"symbols": ["a"]}'),
+                                 "differs from this code's"),
+    "vocabulary_a_list": (lambda f: (f / "arc_vocabulary.json").write_text("[1]"), "differs from this code's"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED_MODELS))
+def test_model_hostile_saved_model_folder(name: str, run_a: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--model-name pointing at a damaged saved model (the fine-tune-again / test-time-training path): one
+    line naming the file; pickled weights are never unpickled."""
+    import model as model_module
+    tamper, expected = SAVED_MODELS[name]
+    folder = Path(shutil.copytree(run_a / "model", tmp_path / "saved"))
+    assert (folder / model_module.VOCAB_FILE).name == "arc_vocabulary.json"
+    tamper(folder)
+    argv = tiny_args(tmp_path, "run", *RUN_ARGS)
+    argv[argv.index("--model-name") + 1] = str(folder)
+    code, out, err = train_main(argv, capsys)
+    assert_clean(code, out, err, 2)
+    assert expected in err, err
+
+
+def test_model_saved_model_as_written_trains(run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The control: the same folder, undamaged, is a model to train from."""
+    argv = tiny_args(tmp_path, "run", *RUN_ARGS)
+    argv[argv.index("--model-name") + 1] = str(run_a / "model")
+    assert train_main(argv, capsys)[0] == 0
 
 
 # ------------------------------------------------------------------------------------ data: hostile --data
