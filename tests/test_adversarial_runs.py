@@ -436,6 +436,17 @@ def test_concurrency_new_run_into_a_folder_with_a_model_is_refused(run_b: Path, 
     assert snapshot(run_b) == before
 
 
+def test_concurrency_file_system_without_locks_goes_on_with_a_warning(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some network mounts refuse flock: the run goes on unprotected, and says so in one warning line."""
+    monkeypatch.setattr(run_lock.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(os_error(errno.ENOLCK)))
+    code, out, err = train_main(tiny_args(tmp_path, "run", *RUN_ARGS), capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "cannot be locked" in warnings[0] and "nothing stops a second run" in warnings[0]
+
+
 # ----------------------------------------------------------------------------- checkpoint: tampered files
 
 def _meta(change: Callable[[dict], Any]) -> Callable[[Path], None]:
