@@ -145,14 +145,19 @@ def write_text_atomic(path: str | os.PathLike, text: str, what: str | None = Non
     The file gets a normal file's mode (0666 less the umask). A refused write is a UserError naming `what`
     (default: the file's name) and leaves the old file and no temporary behind.
     """
+    write_bytes_atomic(path, text.encode(), what)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str | None = None) -> None:
+    """`write_text_atomic` for bytes (a PNG): temporary file beside `path`, fsync, rename, normal mode."""
     target = Path(path)
-    with disk_errors(what or target.name, target.parent, len(text.encode())):
+    with disk_errors(what or target.name, target.parent, len(data)):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             os.fchmod(fd, file_mode())
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)

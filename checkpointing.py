@@ -51,7 +51,7 @@ _TEMP_PREFIX = ".tmp-"
 META_TYPES: dict[str, Any] = {
     "format": int, "step": int, "epoch": int, "batch": int, "epochs": int, "world_size": int,
     "reason": str, "saved_at": str, "precision": str, "args": dict, "model_config": dict, "device": dict,
-    "vocabulary": list[str], "last_eval": dict | None, "run_id": str | None,
+    "vocabulary": list[str], "last_eval": dict | None, "run_id": str | None, "plan": dict,
 }
 META_REQUIRED = ("step", "epoch", "batch", "args")
 _AT_LEAST = {"step": 0, "epoch": 0, "batch": 0, "epochs": 0, "world_size": 1}
@@ -127,14 +127,28 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], meta: dic
     return final
 
 
+def tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in a (nested) state: about what torch.save writes, for the space a save
+    needs (a full disk's message says it)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(child.stat().st_size for child in Path(path).iterdir() if child.is_file())
 
 
 def load_checkpoint(path: Path, loop_types: Mapping[str, Any] | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
-                    parameters: Sequence[torch.nn.Parameter] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    parameters: Sequence[torch.nn.Parameter] | None = None,
+                    model_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a checkpoint folder: (state for torch objects, meta). Tensors come back on the CPU.
+    `model_only`: only the weights will be used (prediction), so only they are required and checked.
 
     The files are untrusted: state.pt is read with `weights_only=True` (no pickled code runs), and meta.json
     and the state's layout are checked before anything uses them (`validate_checkpoint`, with the loop
@@ -156,7 +170,7 @@ def load_checkpoint(path: Path, loop_types: Mapping[str, Any] | None = None,
             reason = _first_line(err)
         raise UserError(f"checkpoint {state_file} cannot be read ({reason}); resume from an older one in "
                         f"{path.parent}") from None
-    validate_checkpoint(path, state, meta, loop_types, optimizer, parameters)
+    validate_checkpoint(path, state, meta, loop_types, optimizer, parameters, model_only)
     return state, meta
 
 
@@ -187,10 +201,13 @@ def read_meta(path: Path, required: Sequence[str] = META_REQUIRED) -> dict[str, 
     return meta
 
 
-def validate_saved_args(path: Path, saved: Any, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def validate_saved_args(path: Path, saved: Any, parser: argparse.ArgumentParser,
+                        saved_forms: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The run arguments of a checkpoint's meta.json, checked against the parser that made them: each value
     one the flag could have produced (its type function accepts it and gives it back unchanged, a listed
-    choice, a boolean for a switch, null only where the default is null). Unknown keys are dropped."""
+    choice, a boolean for a switch, null only where the default is null). Unknown keys are dropped.
+    `saved_forms` gives, for a flag whose parsed value is not also its text (a duration: '2h' is saved as
+    7200.0), the function that reads the saved value's text back instead of the flag's type."""
     where = f"checkpoint {Path(path) / META_FILE}"
     if not isinstance(saved, dict):
         raise UserError(f"{where}: field 'args' must be an object, got {_kind(saved)}")
@@ -209,7 +226,7 @@ def validate_saved_args(path: Path, saved: Any, parser: argparse.ArgumentParser)
         elif isinstance(value, (list, dict)) or (isinstance(value, float) and not math.isfinite(value)):
             raise UserError(f"{where}: field {field!r} is {_show(value)}, not a value --{key.replace('_', '-')} takes")
         else:
-            convert = action.type or str
+            convert = (saved_forms or {}).get(key) or action.type or str
             try:
                 back = convert(str(value))
             except (ValueError, TypeError, argparse.ArgumentTypeError):
@@ -225,7 +242,7 @@ def validate_saved_args(path: Path, saved: Any, parser: argparse.ArgumentParser)
 
 def validate_checkpoint(path: Path, state: Any, meta: dict[str, Any], loop_types: Mapping[str, Any] | None = None,
                         optimizer: torch.optim.Optimizer | None = None,
-                        parameters: Sequence[torch.nn.Parameter] | None = None) -> None:
+                        parameters: Sequence[torch.nn.Parameter] | None = None, model_only: bool = False) -> None:
     """Check a loaded state.pt before anything uses it; the first problem is a UserError naming the field.
 
     `loop_types`: the trainer's loop-state field names and types, e.g. `typing.get_type_hints(LoopState)`;
@@ -237,13 +254,15 @@ def validate_checkpoint(path: Path, state: Any, meta: dict[str, Any], loop_types
     where = f"checkpoint {Path(path) / STATE_FILE}"
     if not isinstance(state, dict):
         raise UserError(f"{where}: expected a dict of saved states, got {_kind(state)}")
-    for key in STATE_REQUIRED:
+    for key in ("model",) if model_only else STATE_REQUIRED:
         if key not in state:
             raise UserError(f"{where}: field {key!r} is missing")
     model = state["model"]
     if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in model.items()):
         raise UserError(f"{where}: field 'model' must map parameter names to tensors")
+    if model_only:
+        return
     _check_optimizer(state["optimizer"], where, optimizer)
     groups = len(state["optimizer"]["param_groups"])
     _check_scheduler(state["scheduler"], where, groups)
@@ -398,7 +417,7 @@ def _check_loop(loop: Any, where: str, loop_types: Mapping[str, Any]) -> None:
         raise UserError(f"{where}: field 'loop.{missing[0]}' is missing"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
-        raise UserError(f"{where}: field 'loop.{_show(extra[0])}' is not a loop field this trainer knows")
+        raise UserError(f"{where}: field 'loop.{printable(extra[0])[:60]}' is not a loop field this trainer knows")
     for key, expected in loop_types.items():
         _check(loop[key], expected, where, f"loop.{key}")
         if expected is int and loop[key] < 0:

@@ -49,6 +49,10 @@ The submission command (CPU example first; on a GPU the default is 8 views, on a
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while torch loads is "interrupted", exit 130
+    from errors import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
 import json
 import sys
@@ -375,7 +379,7 @@ def _model_from_checkpoint(folder: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    state, meta = checkpointing.load_checkpoint(folder)
+    state, meta = checkpointing.load_checkpoint(folder, model_only=True)  # prediction uses the weights only
     values = meta.get("model_config")
     if not isinstance(values, dict):
         raise UserError(f"checkpoint {folder}: meta.json has no model_config")
@@ -608,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         against = f" against {args.data}" if args.data else ""
         print(f"{args.check}: valid{against} ({len(found)} tasks, {sum(found.values())} test inputs)")
         return 0
+    from atomic_io import check_writable
+    for flag, path, what in (("--submission", args.submission, "the submission"), ("--json", args.json, "the report")):
+        if path is not None:  # before the model loads and the minutes of decoding
+            check_writable(path, what, flag)
     settings = PredictSettings(model=args.model, data=args.data, submission=args.submission,
                                solutions=args.solutions, views=args.views, score=args.score,
                                time_budget=args.time_budget, task_cap=args.task_cap, json_path=args.json,

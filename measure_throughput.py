@@ -26,6 +26,10 @@ under torchrun it exits 130 without a report.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while torch loads is "interrupted", exit 130
+    from errors import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
 import datetime
 import math
@@ -41,6 +45,7 @@ import distributed
 import throughput_report as report
 from benchmark_result import (BenchmarkResult, DataSummary, DeviceInfo, EpochProjectionInfo, LongestBatch, ModelSize,
                               ParallelEstimate, ProjectionInfo)
+from atomic_io import check_writable
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 
 
@@ -74,6 +79,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag before anything heavy loads; all problems reported at once."""
     args = build_parser().parse_args(argv)
     problems = cli_common.validate_shared_args(args)
+    if args.json is not None:  # refused now, not after the minutes of timing (the result would be lost)
+        try:
+            check_writable(args.json, "the benchmark result", "--json")
+        except UserError as err:
+            problems.append(str(err))
     if args.estimate_gpus is not None and os.environ.get("WORLD_SIZE", "1") != "1":
         problems.append("--estimate-gpus is for a one-process run; under torchrun the benchmark measures the "
                         "multi-process step itself")

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,7 +37,7 @@ from torch import nn
 import arc_dataset as data
 from cli_common import DEFAULT_MODEL
 from distributed import unwrap_model
-from atomic_io import replace_directory
+from atomic_io import disk_errors, give_normal_permissions, make_temp_dir, replace_directory
 from errors import UserError
 
 TINY = "tiny"
@@ -488,25 +487,30 @@ def arc_tokenizer(model_max_length: int | None = None):
 def save_model(model: nn.Module, path: str | os.PathLike, run_settings: dict[str, Any]) -> Path:
     """Write a self-describing folder atomically: weights + config (save_pretrained), the compact tokenizer,
     the vocabulary and the run settings. The folder appears complete or not at all (temp dir beside it,
-    then os.replace)."""
+    then os.replace), with a normal folder's permissions; a write the disk refuses (full, read-only) is one
+    UserError line with the space needed and free, and leaves no temporary and any older model in place."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        base = model.get_base_model() if is_lora(model) else model
-        with _quiet_progress():
-            base.save_pretrained(tmp, state_dict=merged_state_dict(model))
-            arc_tokenizer(getattr(base.config, "max_position_embeddings", None)).save_pretrained(tmp)
-        vocabulary = {"symbols": list(data.SYMBOLS), "vocab_size": data.VOCAB_SIZE,
-                      "ids": {"row_end": data.ROW_END, "input": data.INPUT, "output": data.OUTPUT,
-                              "bos": data.BOS, "eos": data.EOS, "pad": data.PAD},
-                      "lora": "merged into the weights" if is_lora(model) else None}
-        (tmp / VOCAB_FILE).write_text(json.dumps(vocabulary, indent=2) + "\n")
-        (tmp / SETTINGS_FILE).write_text(json.dumps(run_settings, indent=2, sort_keys=True, default=str) + "\n")
-        replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    base = model.get_base_model() if is_lora(model) else model
+    state = merged_state_dict(model)
+    needed = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    with disk_errors("the final model", target.parent, needed_bytes=needed):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(f".{target.name}.tmp-", target.parent)
+        try:
+            with _quiet_progress():
+                base.save_pretrained(tmp, state_dict=state)
+                arc_tokenizer(getattr(base.config, "max_position_embeddings", None)).save_pretrained(tmp)
+            vocabulary = {"symbols": list(data.SYMBOLS), "vocab_size": data.VOCAB_SIZE,
+                          "ids": {"row_end": data.ROW_END, "input": data.INPUT, "output": data.OUTPUT,
+                                  "bos": data.BOS, "eos": data.EOS, "pad": data.PAD},
+                          "lora": "merged into the weights" if is_lora(model) else None}
+            (tmp / VOCAB_FILE).write_text(json.dumps(vocabulary, indent=2) + "\n")
+            (tmp / SETTINGS_FILE).write_text(json.dumps(run_settings, indent=2, sort_keys=True, default=str) + "\n")
+            give_normal_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600 would stay after the rename
+            replace_directory(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
 
 

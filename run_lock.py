@@ -11,16 +11,11 @@ once cut B's metrics.jsonl from 202 lines to 12 and replaced its model). Each ru
 (`new_run_id`), written to `<dir>/run.json` and carried in every checkpoint's meta.json (`run_id`);
 `check_same_run` refuses a folder whose run.json names another run.
 
-How the trainer uses it (rank 0 only; keep the lock referenced until the run ends):
-
-    # _setup_output, right after mkdir and BEFORE remove_stale_temporaries (which would otherwise delete a
-    # running trainer's half-written checkpoint):
-    self.lock = run_lock.lock_output_dir(self.output_dir)
-    run_id = checkpointing.read_meta(resume_from).get("run_id") if resuming else run_lock.new_run_id()
-    run_lock.check_same_run(self.output_dir, run_id, resuming)   # before metrics.jsonl is emptied or restored
-    self.run_id = run_id or run_lock.new_run_id()                 # a checkpoint from before run ids gets one
-    run_lock.write_run_identity(self.output_dir, self.run_id)
-    # _save_now: meta["run_id"] = self.run_id
+How the trainer uses it: `trainloop_gpu_finetuned.prepare_output`, rank 0 only, right after mkdir and
+BEFORE `remove_stale_temporaries` (which would otherwise delete a running trainer's half-written checkpoint),
+takes `lock_output_dir` and keeps it until `train()` ends; decides the run's id (`new_run_id()` for a new
+run, the checkpoint's meta.json `run_id` on a resume); calls `check_same_run` before metrics.jsonl is
+emptied or restored; then `write_run_identity`. Every checkpoint's meta.json carries the `run_id`.
 
 On a file system without flock support the lock is skipped (`OutputLock.note` says so, for the banner)
 rather than refusing the run.

@@ -3,9 +3,9 @@ with its plot. No model, no data: each piece is unit-tested on made-up step time
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 import throughput_report
-from atomic_io import write_text_atomic
+from atomic_io import append_line, write_bytes_atomic, write_text_atomic
 
 SLOWDOWN_FACTOR = 1.5         # steps this much slower than early in the run -> warn (once)
 BENCHMARK_SLOWDOWN = 1.25     # epoch projected this much longer than measure_throughput.py said -> warn (once)
@@ -162,8 +162,9 @@ def report_to_problems(report_to: str) -> list[str]:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended and flushed as it happens. Only rank 0 of a
-    torchrun group writes (`enabled`); the other ranks' writes are no-ops. With `report_to="tensorboard"`
-    the same numbers also go to TensorBoard event files in `<folder>/tensorboard/` (TensorBoardSink)."""
+    torchrun group writes (`enabled`); the other ranks' writes are no-ops. A write the disk refuses is one
+    UserError line (atomic_io), and the file keeps whole lines only. With `report_to="tensorboard"` the same
+    numbers also go to TensorBoard event files in `<folder>/tensorboard/` (TensorBoardSink)."""
 
     def __init__(self, path: Path, enabled: bool = True, report_to: str = "none"):
         self.path = path
@@ -173,8 +174,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record), what="the metrics")
         self._report(record)
 
     def records(self) -> list[dict[str, Any]]:
@@ -186,7 +186,7 @@ class MetricsLog:
             return
         self._report_resumed_at(up_to_step)
         kept = [r for r in read_metrics(source) if r.get("step", 0) <= up_to_step]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept), what="the metrics")
 
     def close(self) -> None:
         """Flush and close the TensorBoard files (metrics.jsonl needs nothing: each line is closed as written)."""
@@ -312,9 +312,9 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
     eval_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     eval_axes.set_ylim(-2, 102)
     eval_axes.grid(alpha=0.3)
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    write_bytes_atomic(path, png.getvalue(), what="the plot")  # like every other file: atomic, one line if refused
     return path
 
 

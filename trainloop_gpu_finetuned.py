@@ -48,10 +48,16 @@ progress bar and metrics; `TrainLoop` below runs the epochs, evaluates and check
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while torch loads is "interrupted", exit 130
+    from errors import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
+import os
 import shlex
 import sys
 import time
+import typing
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -63,12 +69,14 @@ from tqdm import tqdm
 
 import checkpointing
 import distributed
+import run_lock
 import throughput_report
+from atomic_io import write_text_atomic
 from arc_dataset import SYMBOLS
-from cli_common import (DEFAULT_MODEL, Parser, add_run_args, add_shared_args, jsonable, launcher, non_negative_int,
-                        positive_int, speed_settings, validate_shared_args)
+from cli_common import (DEFAULT_MODEL, Parser, add_run_args, add_shared_args, duration_arg, jsonable, launcher,
+                        non_negative_int, positive_int, speed_settings, validate_shared_args)
 from distributed import DistributedContext
-from errors import EXIT_INTERRUPTED, UserError, run_cli
+from errors import EXIT_INTERRUPTED, UserError, printable, run_cli
 from evaluation import EvalResult, evaluate, merge_results
 from model import count_parameters, save_model
 from run_monitor import (REPORT_TO, EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics,
@@ -89,6 +97,8 @@ TRAJECTORY_ARGS = ("model_name", "random_init", "lora_rank", "data", "solutions"
 # Settings that decide what code runs and which weights load. A checkpoint is untrusted input, so these come from
 # the command line only: a resume never takes them from meta.json, and refuses when the checkpoint's differ.
 MODEL_SOURCE_ARGS = ("model_name", "random_init", "trust_remote_code")
+# Saved flags whose value is not their text: how a resume reads meta.json's value back to check it.
+SAVED_FORMS = {"time_budget": lambda seconds: duration_arg(f"{seconds}s")}
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -218,11 +228,25 @@ def model_source_flags(args: argparse.Namespace) -> list[str]:
     return flags + ["--random-init"] * bool(args.random_init) + ["--trust-remote-code"] * bool(args.trust_remote_code)
 
 
-def resumed_settings(meta: dict[str, Any]) -> dict[str, Any]:
+def resumed_settings(meta: dict[str, Any], where: str = "checkpoint meta.json") -> dict[str, Any]:
     """A checkpoint's run settings: its flags, with the plan's epoch count and batch limit (what --epochs auto
-    resolved to) in place of the flags that chose them."""
+    resolved to) in place of the flags that chose them. The plan's values are untrusted: each must be one a
+    plan could hold (a whole number of epochs >= 1; a batch limit >= 1 or null), else one line naming it."""
     plan = meta.get("plan") or {}
+    for key in PLAN_FIELDS:
+        value = plan.get(key)
+        if key in plan and not ((type(value) is int and value >= 1) or (key == "max_batches" and value is None)):
+            raise UserError(f"{where}: field 'plan.{key}' is {printable(repr(value))[:60]}, not "
+                            + ("a whole number of epochs >= 1" if key == "epochs" else "null or a number >= 1"))
     return {**meta["args"], **{key: plan[key] for key in PLAN_FIELDS if key in plan}}
+
+
+def read_resumed_settings(resume_from: Path) -> dict[str, Any]:
+    """The run settings of checkpoint `resume_from`, checked: meta.json's fields (checkpointing.read_meta),
+    each saved flag against this trainer's parser (checkpointing.validate_saved_args) and the plan."""
+    meta = checkpointing.read_meta(resume_from)
+    saved = checkpointing.validate_saved_args(resume_from, meta["args"], build_parser(), SAVED_FORMS)
+    return resumed_settings({**meta, "args": saved}, f"checkpoint {resume_from / checkpointing.META_FILE}")
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -244,15 +268,66 @@ def join_group(args: argparse.Namespace, resume_from: Path | None) -> Distribute
     return ctx
 
 
-def prepare_output(plan: RunPlan, ctx: DistributedContext, report_to: str = "none") -> MetricsLog:
-    """The output folder (rank 0 creates it and clears a crashed save's leftovers) and its metrics log."""
-    if ctx.is_main:
-        try:
-            plan.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"--output-dir {plan.output_dir}: cannot create it ({err.strerror})") from None
+@dataclass
+class RunOutput:
+    """The output folder's metrics log, its lock (held by rank 0 until the run ends) and the run's id."""
+    metrics: MetricsLog
+    lock: run_lock.OutputLock | None = None
+    run_id: str | None = None
+
+
+def prepare_output(plan: RunPlan, ctx: DistributedContext, resume_from: Path | None,
+                   report_to: str = "none") -> RunOutput:
+    """Take the output folder for this run (rank 0): create it, lock it against a second trainer, refuse it
+    when it holds another run, record the run's id, clear a crashed save's leftovers, and start metrics.jsonl
+    afresh for a new run. The lock comes before the leftovers are cleared, or a second trainer would delete
+    the first one's half-written checkpoint; the run check before metrics.jsonl is emptied or restored."""
+    output = RunOutput(MetricsLog(plan.metrics_path, enabled=ctx.is_main, report_to=report_to))
+    if not ctx.is_main:
+        return output
+    folder = plan.output_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output-dir {folder}: cannot create it ({err.strerror})") from None
+    if not folder.is_dir():
+        raise UserError(f"--output-dir {folder}: not a folder")
+    output.lock = run_lock.lock_output_dir(folder)
+    try:
+        if output.lock.note:
+            ctx.print(f"warning: {output.lock.note}", file=sys.stderr)
+        output.run_id = run_identity(folder, resume_from)
+        run_lock.write_run_identity(folder, output.run_id)
         checkpointing.remove_stale_temporaries(plan.checkpoint_dir)
-    return MetricsLog(plan.metrics_path, enabled=ctx.is_main, report_to=report_to)
+        if resume_from is None:
+            write_text_atomic(plan.metrics_path, "", what="the metrics")  # a new run starts a new metrics file
+    except BaseException:
+        output.lock.release()
+        raise
+    return output
+
+
+def run_identity(folder: Path, resume_from: Path | None) -> str:
+    """The run's id (run_lock): a new one for a new run, the checkpoint's on a resume. Refuses a folder that
+    holds another run (`--resume A --output-dir B`), before anything there is emptied or replaced. In the
+    checkpoint's own run folder only differing recorded ids refuse: a checkpoint from before run ids, or a
+    folder copied without its run.json, is at home where it lies."""
+    run_id = None if resume_from is None else checkpointing.read_meta(resume_from).get("run_id")
+    recorded = run_lock.read_run_id(folder)
+    if resume_from is not None and _same_folder(resume_from.parent.parent, folder):
+        if run_id is not None and recorded is not None and run_id != recorded:
+            run_lock.check_same_run(folder, run_id, resuming=True)
+        return run_id or recorded or run_lock.new_run_id()
+    run_id = run_id or run_lock.new_run_id()  # elsewhere a checkpoint without an id is another run's
+    run_lock.check_same_run(folder, run_id, resuming=resume_from is not None)
+    return run_id
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 @dataclass
@@ -280,8 +355,10 @@ class LoopState:
 
 def restore(path: Path, parts: TrainingParts, ctx: DistributedContext, metrics: MetricsLog) -> LoopState:
     """Load a checkpoint into the model, optimizer, schedule, step and RNG; returns where the loop was. The
-    metrics log restarts from the run's lines up to the checkpoint (later ones are redone)."""
-    state, _ = checkpointing.load_checkpoint(path)
+    metrics log restarts from the run's lines up to the checkpoint (later ones are redone). The checkpoint is
+    untrusted: its loop fields, optimizer groups and gradients are checked against this run's first."""
+    state, _ = checkpointing.load_checkpoint(path, typing.get_type_hints(LoopState), parts.optimizer,
+                                             parts.step.params)
     checkpointing.load_model_state(parts.model, state["model"])
     load_optimizer_state(parts.optimizer, state["optimizer"])
     scheduler_state = dict(state["scheduler"])
@@ -307,6 +384,7 @@ class RunInfo:
     precision: Any                 # training.Precision
     tasks_description: str
     started: float                 # time.monotonic() at start
+    run_id: str | None = None      # run_lock: the id in the output folder's run.json and every checkpoint
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -314,6 +392,7 @@ class RunInfo:
 def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], started: float) -> int:
     """Set up (each step returns what it builds), train, finish; returns the exit code."""
     ctx = join_group(args, resume_from)
+    output = None
     try:
         precision = resolve_precision(ctx.device, args.precision)
         device_info = describe_device(ctx.device)
@@ -323,9 +402,10 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         batches_per_epoch = distributed.steps_per_epoch(data.num_batches(0), ctx.world_size)
         benchmark, epochs, max_batches, benchmark_notes = read_benchmark(args, current, batches_per_epoch)
         plan = make_plan(args, data, ctx, epochs, max_batches, evaluation, resume_from, started)
-        metrics = prepare_output(plan, ctx, args.report_to)
+        output = prepare_output(plan, ctx, resume_from, args.report_to)
+        metrics = output.metrics
         parts = build_training_step(args, ctx, precision, plan.total_steps, data)
-        info = RunInfo(args, device_info, precision, tasks.description, started)
+        info = RunInfo(args, device_info, precision, tasks.description, started, output.run_id)
         notes = notes + benchmark_notes
         if resume_from is not None:
             state = restore(resume_from, parts, ctx, metrics)
@@ -335,8 +415,6 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
                              f"train further")
         else:
             state = LoopState()
-            if ctx.is_main:
-                metrics.path.write_text("")  # a new run starts a new metrics file
         parameters, trainable = count_parameters(parts.model)
         # Before the first save is timed: weights + two AdamW moments of the trained part, ~150 MB/s disk.
         stops = StopRules(ctx, plan.deadline, args.grad_accum, checkpoint_bytes=12 * trainable,
@@ -355,9 +433,12 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         if outcome in ("completed", "time budget", "early stop"):
             final_model = loop.save_final_model(outcome)
         loop.plot()
-        metrics.close()
         return finish(info, plan, loop, outcome, final_model)
     finally:
+        if output is not None:
+            output.metrics.close()  # flushes TensorBoard's events, also after an error
+        if output is not None and output.lock is not None:
+            output.lock.release()  # the kernel would drop it at exit anyway; in-process callers run on
         ctx.cleanup()  # leave the torchrun group, also after an error, so torchrun ends cleanly
 
 
@@ -761,8 +842,9 @@ def write_checkpoint(info: RunInfo, plan: RunPlan, parts: TrainingParts, ctx: Di
                 "args": jsonable(vars(info.args)), "plan": plan.record(),
                 "model_config": parts.model.config.to_dict(), "vocabulary": list(SYMBOLS),
                 "device": info.device_info, "precision": info.precision.name,
-                "last_eval": loop.last_eval, "world_size": ctx.world_size}
-        checkpointing.save_checkpoint(plan.checkpoint_dir, loop.step, state, meta, info.args.keep_checkpoints)
+                "last_eval": loop.last_eval, "world_size": ctx.world_size, "run_id": info.run_id}
+        checkpointing.save_checkpoint(plan.checkpoint_dir, loop.step, state, meta, info.args.keep_checkpoints,
+                                      needed_bytes=checkpointing.tensor_bytes(state))
     ctx.barrier()  # the others wait for rank 0's file (a resume or the next save may need it)
     return plan.checkpoint_dir / checkpointing.checkpoint_name(loop.step)
 
@@ -820,7 +902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, resume_from, notes = args, None, []   # settings: the flags, merged with a resumed run's
     if args.resume is not None:
         resume_from = checkpointing.resolve_resume_path(args.resume or None, args.output_dir, RUNS_DIR)
-        settings, notes = merge_resumed_args(args, explicit, resumed_settings(checkpointing.read_meta(resume_from)))
+        settings, notes = merge_resumed_args(args, explicit, read_resumed_settings(resume_from))
     problems = validate_args(settings)
     if problems:
         raise UserError("; ".join(problems))
