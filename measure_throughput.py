@@ -473,8 +473,7 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
         saves = run_costs.measure_saves("runs", s.model, s.parts.optimizer, s.parts.scheduler, s.step)
         import tempfile
         with tempfile.TemporaryDirectory(prefix=".run-costs-plot-") as folder:
-            records = [{"kind": "step", "epoch": 0, "step": i, "batch": i, "batches": 10, "loss": 1.0 / (i + 1)}
-                       for i in range(10)]
+            records = _plot_records(bool(s.evaluation))
             # The first redraw imports matplotlib: a one-off the trainer pays at its first epoch end, planned
             # with the start-up; each redraw costs the second.
             first = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
@@ -536,15 +535,25 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
                         final_save_bytes=saves.final_save_bytes, plot_seconds=plot_seconds, added_seconds=spent,
                         added_share=spent / total, benchmark_seconds=total, evaluation=eval_cost,
                         prediction_views=args.views or 1, prediction_seconds_per_task=prediction)
-    return RunCostMeasurement(costs, schedule, policy, info, schedule_of(args, evaluation))
+    import run_plan
+
+    return RunCostMeasurement(costs, schedule, policy, info, run_plan.schedule_record(args, evaluation))
 
 
-def schedule_of(args: argparse.Namespace, evaluation: Any) -> Schedule:
-    """The settings the plan's counts depend on, as the result records them (the trainer compares them)."""
-    return Schedule(eval_tasks=len(evaluation.tasks) if evaluation else 0,
-                    eval_data=args.eval_data if evaluation else None, eval_every=args.eval_every,
-                    eval_batch_size=args.eval_batch_size, eval_attempts=args.eval_attempts,
-                    eval_views=args.eval_views, save_every=args.save_every, grad_accum=args.grad_accum)
+def _plot_records(evaluates: bool, epochs: int = 3, steps: int = 20) -> list[dict[str, Any]]:
+    """metrics.jsonl lines like a run's after a few epochs (log steps, epoch means, evaluations), for timing one
+    redraw of training_curves.png: its cost is the figure's, nearly independent of the number of points."""
+    records: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        for batch in range(1, steps + 1):
+            records.append({"kind": "step", "epoch": epoch, "step": epoch * steps + batch, "batch": batch,
+                            "batches": steps, "loss": 2.0 / (1 + epoch * steps + batch)})
+        record = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * steps, "batch": steps, "batches": steps,
+                  "loss": 2.0 / (1 + (epoch + 1) * steps)}
+        if evaluates:
+            record.update(eval_accuracy=0.1 * epoch, eval_task_accuracy=0.1 * epoch, eval_attempts=1)
+        records.append(record)
+    return records
 
 
 def _decode_timed(s: Setup, batches: list[Any], allowance: float, what: str) -> Any:
