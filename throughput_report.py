@@ -1,8 +1,9 @@
 """From timed training steps to an epoch-time projection, epoch counts per time budget, and a report.
 
 Everything here is pure (no torch, no model), so it is unit-tested on fixed timings and shared with the
-trainer: `settings_mismatches` to check a result (benchmark_result.py reads it), `recommend_for_budget`
-for `--epochs auto`, `duration_text` to write a --time-budget back, and `format_report`.
+trainer: `settings_mismatches` to check a result (benchmark_result.py reads it), `duration_text` to write a
+--time-budget back, and `format_report`. The recommendations plan the whole run (run_budget.py);
+`recommend_for_budget` is the training-steps-only count, the floor run_budget's tests compare against.
 
 How the epoch is projected (see `project_epoch`). ARC sample lengths vary ~100x (median ~750 tokens, max ~7460),
 so the mean of a few hundred timed batches can be far from the mean of the epoch. Two projections are made:
