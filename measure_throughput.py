@@ -133,8 +133,12 @@ class Setup:
     setup_seconds: float = 0.0              # process start to the built training step, as the trainer's start-up
 
 
-def setup(args: argparse.Namespace, process_started: float) -> Setup:
+def setup(args: argparse.Namespace, process_started: float | None = None) -> Setup:
+    """Build what the trainer builds; `process_started` (time.monotonic(), default: this process's start) is
+    where the planned start-up counts from."""
     import torch
+
+    import run_costs
 
     import run_plan
     import run_setup
@@ -164,6 +168,8 @@ def setup(args: argparse.Namespace, process_started: float) -> Setup:
         info["total_memory_bytes"] = int(torch.cuda.get_device_properties(device).total_memory)
         if parts.gpu_memory_bytes:
             info["memory_cap_bytes"] = parts.gpu_memory_bytes
+    if process_started is None:
+        process_started = run_costs.process_start_time()
     setup_seconds = time.monotonic() - process_started - collating
     return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes, plan_shapes,
                  rank_plan, ctx, parts.compiled, started, parts, tasks, evaluation, process_started, setup_seconds)
@@ -704,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import run_costs
 
-    s = setup(args, run_costs.process_start_time())
+    s = setup(args, run_costs.process_start_time())   # start-up counts from process start, imports included
     try:
         return _measure(s)
     finally:
