@@ -22,7 +22,10 @@ from typing import Any, Union
 from atomic_io import write_text_atomic
 from errors import UserError
 
-RESULT_FORMAT = "arc-throughput/1"
+# /2: recommendations plan the whole run (start-up, training, evaluation, checkpoints), with run_costs and the
+# schedule they were counted for; a /1 file has neither, so --epochs auto cannot plan from it.
+RESULT_FORMAT = "arc-throughput/2"
+PLAN_PARTS = ("startup", "training", "evaluation", "checkpoints")
 # Coefficients per cost-model kind: a; a + b*tokens; a + b*tokens + c*tokens^2 (throughput_report.CostModel).
 COEFFICIENTS = {"constant": 1, "linear": 2, "quadratic": 3}
 
@@ -31,16 +34,72 @@ Scalar = Union[str, int, float, bool, None]
 
 @dataclass(frozen=True)
 class Recommendation:
-    """What to run for one time budget.
+    """What to run for one time budget (run_budget.BudgetRow.as_json).
 
     `epochs` is what to pass as --epochs (capped at the useful maximum; 1 when only part of an epoch fits, with
-    `max_batches` set); `fits_epochs` is how many whole epochs the budget holds."""
+    `max_batches` set; 0 when not even the smallest run fits, with `needed_seconds`); `fits_epochs` is how many
+    whole epochs the budget holds. `planned_seconds` is the whole run and `breakdown` its parts (startup,
+    training, evaluation, checkpoints: seconds summing to it); `total_hours` is the same as hours; `margin` the
+    share of the budget kept for the projection's expected error; `source` "table" or "--time-budget"."""
     budget_hours: float
     epochs: int
-    total_hours: float
+    total_hours: float | None
     fits_epochs: int
     capped: bool
     max_batches: int | None
+    planned_seconds: float | None = None
+    breakdown: dict[str, float] | None = None
+    margin: float = 0.0
+    counts: dict[str, int] | None = None
+    needed_seconds: float | None = None
+    source: str = "table"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run settings the plan's counts depend on (the trainer's flags of the same names); the trainer takes a
+    result's plan only for a run with the same ones."""
+    eval_tasks: int                 # tasks evaluated (after --eval-tasks and the set's known answers); 0: off
+    eval_data: str | None
+    eval_every: int
+    eval_batch_size: int
+    eval_attempts: int
+    eval_views: int
+    save_every: int
+    grad_accum: int
+
+
+@dataclass(frozen=True)
+class EvaluationCost:
+    """One evaluation pass, measured by real decoding (run_costs.measure_evaluation)."""
+    pass_seconds: float             # one pass over the evaluation set, projected
+    expected_error: float           # its expected error, a fraction
+    inputs: int
+    batches: int                    # decode calls in one pass
+    timed_batches: int
+    timed_seconds: float
+    spent_seconds: float            # the measurement's wall time, warm-up included
+    heldout_error: float | None
+    cost_model: dict[str, float]    # seconds per batch / prompt token / generated token / attended position
+    scoring_seconds: float = 0.0    # --eval-views > 1: candidate scoring planned on top of decoding
+
+
+@dataclass(frozen=True)
+class RunCostsInfo:
+    """What a run costs besides its training steps, measured on the device (run_costs.py), and what measuring
+    them added to the benchmark."""
+    startup_seconds: float          # process start to the first step, plus the first steps' one-off extra
+    checkpoint_seconds: float       # one checkpoint write (model, optimizer, state)
+    checkpoint_bytes: int
+    final_save_seconds: float       # one model.save_model
+    final_save_bytes: int
+    plot_seconds: float             # one redraw of training_curves.png
+    added_seconds: float            # the benchmark's own added time (saves, plot, evaluation measurement)
+    added_share: float              # of the benchmark's total wall time
+    benchmark_seconds: float        # process start to the result
+    evaluation: EvaluationCost | None   # None: evaluation off (--eval-tasks 0)
+    prediction_views: int = 1       # --views for the prediction projection
+    prediction_seconds_per_task: float | None = None  # evaluation.py --submission, per task, at --views
 
 
 @dataclass(frozen=True)
@@ -174,6 +233,8 @@ class BenchmarkResult:
     next_command: str
     next_command_why: str
     estimate: ParallelEstimate | None
+    run_costs: RunCostsInfo
+    schedule: Schedule
     format: str = RESULT_FORMAT
 
     def __post_init__(self) -> None:
@@ -196,6 +257,14 @@ class BenchmarkResult:
             elif len(projection.coefficients) != COEFFICIENTS[kind]:
                 found.append(f"projections.{kind}.coefficients: {len(projection.coefficients)} numbers, a {kind} "
                              f"cost model has {COEFFICIENTS[kind]}")
+        for i, row in enumerate(self.recommendations):
+            if row.breakdown is not None:
+                if set(row.breakdown) != set(PLAN_PARTS):
+                    found.append(f"recommendations[{i}].breakdown: keys {sorted(row.breakdown)}, expected "
+                                 f"{list(PLAN_PARTS)}")
+                elif row.planned_seconds is None or not math.isclose(sum(row.breakdown.values()), row.planned_seconds,
+                                                                     rel_tol=1e-6, abs_tol=1e-3):
+                    found.append(f"recommendations[{i}].breakdown: does not sum to planned_seconds")
         if self.epoch_projection.kind not in self.projections:
             found.append(f"epoch_projection.kind: {self.epoch_projection.kind!r} is not among the projections")
         return found
@@ -336,8 +405,12 @@ def from_json(text: str | bytes, path: str | os.PathLike = "<result>") -> Benchm
         raise UserError(f"{path}: not a readable throughput result ({err}); {again}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: not a measure_throughput.py result (a JSON object is expected); {again}")
-    if "format" in raw and raw["format"] != RESULT_FORMAT:
-        raise UserError(f"{path}: format {raw['format']!r}, and this version reads {RESULT_FORMAT!r}; {again}")
+    if raw.get("format", "arc-throughput/1") != RESULT_FORMAT:
+        older = raw.get("format", "arc-throughput/1") in ("arc-throughput/1",)
+        why = (" (written before the benchmark planned evaluation, checkpoints and start-up, so it cannot plan "
+               "the whole run)" if older else "")
+        raise UserError(f"{path}: format {raw.get('format', 'arc-throughput/1')!r}{why}, and this version reads "
+                        f"{RESULT_FORMAT!r}; {again}")
     try:
         return _dataclass(BenchmarkResult, raw, "")
     except _Invalid as err:

@@ -35,17 +35,20 @@ import datetime
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import cli_common
 import distributed
 import throughput_report as report
-from benchmark_result import (BenchmarkResult, DataSummary, DeviceInfo, EpochProjectionInfo, LongestBatch, ModelSize,
-                              ParallelEstimate, ProjectionInfo)
 from atomic_io import check_writable
+from benchmark_result import (BenchmarkResult, DataSummary, DeviceInfo, EpochProjectionInfo, EvaluationCost,
+                              LongestBatch, ModelSize, ParallelEstimate, ProjectionInfo, Recommendation, RunCostsInfo,
+                              Schedule)
 from errors import EXIT_INTERRUPTED, UserError, run_cli
 
 
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-useful-epochs", type=cli_common.positive_int,
                        default=report.DEFAULT_MAX_USEFUL_EPOCHS,
                        help="returns diminish after ~5-8 epochs: recommend at most this many")
+    bench.add_argument("--views", type=cli_common.positive_int, default=None, metavar="K",
+                       help="also project the seconds per task of prediction with K augmented views "
+                            "(evaluation.py --submission --views K), by the same decoding code")
     bench.add_argument("--estimate-gpus", type=cli_common.positive_int, default=None, metavar="N",
                        help="also estimate the epoch on N such GPUs from this one-process measurement (an "
                             "estimate, with its assumptions printed; torchrun measures it for real)")
@@ -130,11 +136,21 @@ class Setup:
     ctx: Any = None                         # distributed.DistributedContext
     compiled: bool = False                  # --compile: decoder blocks compiled (at the first step)
     started: float = 0.0                    # perf_counter when setup began: start-up time includes compiling
+    parts: Any = None                       # run_setup.TrainingParts (the optimizer for the checkpoint timing)
+    tasks: Any = None                       # arc_dataset.TaskSet: the training tasks
+    evaluation: Any = None                  # run_plan.EvalPlan: what the trainer will evaluate
+    process_started: float = 0.0            # time.monotonic() when this process started
+    setup_seconds: float = 0.0              # process start to the built training step, as the trainer's start-up
 
 
-def setup(args: argparse.Namespace) -> Setup:
+def setup(args: argparse.Namespace, process_started: float | None = None) -> Setup:
+    """Build what the trainer builds; `process_started` (time.monotonic(), default: this process's start) is
+    where the planned start-up counts from."""
     import torch
 
+    import run_costs
+
+    import run_plan
     import run_setup
     import training
 
@@ -144,8 +160,12 @@ def setup(args: argparse.Namespace) -> Setup:
     device = ctx.device
     precision = training.resolve_precision(device, args.precision)
     tasks, data = run_setup.build_training_data(args)
+    evaluation = run_plan.plan_evaluation(args, tasks)   # what the trainer loads before its model, too
     # Every batch of epoch 0, as the trainer will see it: the cost model sums over this process's shapes.
+    # (The trainer does not collate the epoch ahead: this time is left out of the planned start-up.)
+    collating = time.perf_counter()
     plan_shapes = [_shape(batch) for batch in data.batches(0)]
+    collating = time.perf_counter() - collating
     rank_plan = distributed.shard_batch_plan(data.batch_plan(0), ctx.rank, ctx.world_size)
     epoch_shapes = (plan_shapes if not ctx.is_distributed
                     else shard_shapes(data, plan_shapes, ctx.world_size)[ctx.rank])
@@ -158,8 +178,11 @@ def setup(args: argparse.Namespace) -> Setup:
         info["total_memory_bytes"] = int(torch.cuda.get_device_properties(device).total_memory)
         if parts.gpu_memory_bytes:
             info["memory_cap_bytes"] = parts.gpu_memory_bytes
+    if process_started is None:
+        process_started = run_costs.process_start_time()
+    setup_seconds = time.monotonic() - process_started - collating
     return Setup(args, device, precision, info, data, tasks.description, model, step, epoch_shapes, plan_shapes,
-                 rank_plan, ctx, parts.compiled, started)
+                 rank_plan, ctx, parts.compiled, started, parts, tasks, evaluation, process_started, setup_seconds)
 
 
 def shard_shapes(data: Any, plan_shapes: list[report.BatchShape], world_size: int) -> list[list[report.BatchShape]]:
@@ -193,6 +216,8 @@ class Timings:
     sample_lengths: list[float] = field(default_factory=list)  # mean real tokens per sample (for FLOPs)
     interrupted: bool = False
     startup_seconds: float = 0.0  # setup to the timed window: loading, calibration, compiling, warm-up
+    warmup_shapes: list[report.BatchShape] = field(default_factory=list)
+    warmup_seconds: float = 0.0   # the untimed warm-up steps' wall time
 
 
 class BatchClock:
@@ -245,21 +270,23 @@ def _epoch_batches(data: Any, plan: list[list[int]], start: int) -> Iterator[tup
         position = 0
 
 
-def compile_graph_variants(s: Setup) -> int:
+def compile_graph_variants(s: Setup) -> tuple[list[report.BatchShape], float]:
     """--compile: one untimed step on a batch of each graph variant in the epoch (one row or several, padded
     or not, recomputed or not), so compiling happens now and not in the timed window; returns how many.
     Every process steps through the same list (under torchrun the gradient all-reduces must pair up)."""
     import training
 
     if not s.compiled:
-        return 0
+        return [], 0.0
     encoded = s.data.encoded(0)
     plan = (s.data.collate([encoded[i] for i in indices]) for indices in s.data.batch_plan(0))
     variants = training.one_batch_per_graph_variant(s.step, plan)
+    start = time.perf_counter()
     with training.out_of_memory_as_user_error(s.device):
         for batch in variants:
             s.step(batch.to(s.device))
-    return len(variants)
+        training.synchronize(s.device)
+    return [_shape(batch) for batch in variants], time.perf_counter() - start
 
 
 def run_longest_batch(s: Setup) -> tuple[report.BatchShape, float]:
@@ -279,21 +306,32 @@ def run_longest_batch(s: Setup) -> tuple[report.BatchShape, float]:
 
 
 def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) -> Timings:
-    """Run `warmup` untimed then `num_batches` timed steps; Ctrl-C stops early, keeping what was timed."""
+    """Run `warmup` untimed then `num_batches` timed steps; Ctrl-C stops early, keeping what was timed. A tqdm
+    bar (rank 0) shows the timed batches with their running mean ms/batch (host clock: on CUDA the host may run
+    a few steps ahead of the device; the recorded times are the device's)."""
+    from tqdm import tqdm
+
     import training
 
     batches = _epoch_batches(s.data, s.rank_plan, 0)
+    warmup_started = time.perf_counter()
+    warmup_shapes = []
     for _ in range(warmup):
         _, batch = next(batches)
+        warmup_shapes.append(_shape(batch))
         s.step(batch.to(s.device))
     training.synchronize(s.device)  # the timed window starts with an idle device
+    warmup_seconds = time.perf_counter() - warmup_started
     startup_seconds = time.perf_counter() - s.started
     if on_start:
         on_start()
     clock = BatchClock(s.device)
     records: list[tuple[int, float, int, int, float]] = []
     interrupted = False
+    bar = tqdm(total=num_batches, desc="Timing", unit="batch", file=sys.stderr, leave=False,
+               disable=not s.ctx.is_main, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     clock.start()
+    window_started = time.perf_counter()
     try:
         for _ in range(num_batches):
             start = time.perf_counter()
@@ -306,11 +344,17 @@ def time_batches(s: Setup, warmup: int, num_batches: int, on_start: Any = None) 
             # One append per batch, after its mark, so an interrupt cannot leave the lists out of step.
             records.append((position, data_ms, batch.num_tokens, int(rows * length),
                             batch.num_tokens / max(1, len(batch.samples))))
+            bar.update(1)
+            bar.set_postfix_str(f"{1000 * (time.perf_counter() - window_started) / len(records):.0f} ms/batch",
+                                refresh=False)
     except KeyboardInterrupt:
         if not records or s.ctx.is_distributed:  # the other processes may be mid-step: no agreed stop point
             raise
         interrupted = True
-    timings = Timings(interrupted=interrupted, startup_seconds=startup_seconds)
+    finally:
+        bar.close()
+    timings = Timings(interrupted=interrupted, startup_seconds=startup_seconds, warmup_shapes=warmup_shapes,
+                      warmup_seconds=warmup_seconds)
     timings.batch_ms = clock.durations_ms(len(records))
     for position, data_ms, tokens, padded, sample_length in records:
         timings.positions.append(position)
@@ -409,15 +453,162 @@ def parallel_estimate(s: Setup, cost_model: report.CostModel) -> ParallelEstimat
                                          s.args.allreduce_gbps)
 
 
-def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, float]) -> BenchmarkResult:
+@dataclass
+class RunCostMeasurement:
+    """What the run costs besides its training steps (run_costs.py), measured after the timing."""
+    costs: Any                 # run_budget.RunCosts
+    schedule: Any              # run_budget.Schedule
+    policy: Any                # run_budget.BudgetPolicy
+    info: RunCostsInfo
+    schedule_info: Schedule
+
+
+def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjection,
+                      compiled: tuple[list[report.BatchShape], float]) -> RunCostMeasurement:
+    """Time one checkpoint write, one final-model save, one plot, and real decoding of the evaluation set (and
+    of --views prediction), within run_costs.measurement_allowance of the benchmark so far; then the start-up
+    and the run costs the recommendations plan with."""
+    import run_budget
+    import run_costs
+    from run_monitor import plot_metrics
+
+    args, ctx = s.args, s.ctx
+    model = projection.best.model
+
+    def steady(shapes: list[report.BatchShape]) -> float:
+        return float(model.predict(shapes).sum()) / 1000 if shapes else 0.0
+
+    # Start-up as the trainer pays it: process start to its training step built, plus the one-off extra of the
+    # first steps over the steady cost (compiling under --compile, the allocator's first growth). The
+    # benchmark's own longest-batch probe and the epoch collation are not part of a training run.
+    startup = (s.setup_seconds + max(0.0, compiled[1] - steady(compiled[0]))
+               + max(0.0, timings.warmup_seconds - steady(timings.warmup_shapes)))
+    so_far = time.monotonic() - s.process_started
+    saves, plot_seconds, plot_import = None, 0.0, 0.0
+    if ctx.is_main:
+        saves = run_costs.measure_saves("runs", s.model, s.parts.optimizer, s.parts.scheduler, s.step)
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix=".run-costs-plot-") as folder:
+            records = _plot_records(bool(s.evaluation))
+            # The first redraw imports matplotlib: a one-off the trainer pays at its first epoch end, planned
+            # with the start-up; each redraw costs the second.
+            first = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
+            plot_seconds = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
+            plot_import = max(0.0, first - plot_seconds)
+    saves, plot_seconds, plot_import = ctx.broadcast_object((saves, plot_seconds, plot_import))
+    spent = saves.checkpoint_seconds + saves.final_save_seconds + 2 * plot_seconds + plot_import
+    startup += plot_import
+
+    evaluation = s.evaluation
+    eval_cost, eval_seconds, eval_error, fitted = None, 0.0, None, None
+    if evaluation:
+        # Each process decodes its share of the tasks (the trainer splits evaluation the same way).
+        share = distributed.shard_items(evaluation.tasks, ctx)
+        batches = run_costs.evaluation_pass(share, args.max_length, evaluation.batch_size, evaluation.attempts,
+                                            args.seed, evaluation.views)
+        allowance = run_costs.measurement_allowance(so_far, spent)
+        measured = _decode_timed(s, batches, allowance, "Timing evaluation")
+        fitted = measured.model
+        scoring = run_costs.scoring_seconds(batches, fitted)
+        eval_seconds = measured.pass_seconds + scoring
+        eval_error = measured.expected_error * measured.pass_seconds / eval_seconds if eval_seconds else 0.0
+        spent += measured.spent_seconds
+        eval_cost = EvaluationCost(
+            pass_seconds=eval_seconds, expected_error=eval_error, inputs=measured.inputs, batches=measured.batches,
+            timed_batches=len(measured.timed), timed_seconds=math.fsum(measured.timed.values()),
+            spent_seconds=measured.spent_seconds, heldout_error=measured.heldout_error,
+            cost_model=measured.model.as_json(), scoring_seconds=scoring)
+
+    prediction = None
+    if args.views is not None:
+        # evaluation.py --submission decodes each task's test inputs under K views in one call; the evaluation
+        # set stands in for the challenges file (its known answers give the decode lengths).
+        from evaluation import tasks_with_answers
+        tasks = evaluation.tasks if evaluation else tuple(tasks_with_answers(s.tasks.tasks, 100))
+        batches = run_costs.prediction_pass(tasks, args.max_length, args.views, args.seed)
+        if fitted is None:
+            measured = _decode_timed(s, batches, run_costs.measurement_allowance(so_far, spent), "Timing prediction")
+            spent += measured.spent_seconds
+            fitted, seconds = measured.model, measured.pass_seconds
+        else:
+            seconds = run_costs.project_pass(batches, fitted, {})
+        prediction = (seconds + run_costs.scoring_seconds(batches, fitted)) / max(1, len(tasks))
+
+    costs = run_budget.RunCosts(
+        startup_seconds=startup, epoch_seconds=projection.seconds, batches_per_epoch=len(s.epoch_shapes),
+        eval_pass_seconds=eval_seconds, checkpoint_seconds=saves.checkpoint_seconds,
+        final_save_seconds=saves.final_save_seconds, plot_seconds=plot_seconds,
+        expected_error=_finite(projection.best.expected_error), batch_seconds=_batch_seconds(s, projection),
+        eval_error=eval_error)
+    schedule = run_budget.Schedule(len(s.epoch_shapes), grad_accum=args.grad_accum, eval_enabled=bool(evaluation),
+                                   eval_every=args.eval_every, save_every=args.save_every)
+    slowest = max(timings.batch_ms) / 1000
+    policy = run_budget.BudgetPolicy(reserve_seconds=run_budget.stop_rule_reserve(costs, slowest),
+                                     max_useful_epochs=args.max_useful_epochs)
+    total = time.monotonic() - s.process_started
+    info = RunCostsInfo(startup_seconds=startup, checkpoint_seconds=saves.checkpoint_seconds,
+                        checkpoint_bytes=saves.checkpoint_bytes, final_save_seconds=saves.final_save_seconds,
+                        final_save_bytes=saves.final_save_bytes, plot_seconds=plot_seconds, added_seconds=spent,
+                        added_share=spent / total, benchmark_seconds=total, evaluation=eval_cost,
+                        prediction_views=args.views or 1, prediction_seconds_per_task=prediction)
+    import run_plan
+
+    return RunCostMeasurement(costs, schedule, policy, info, run_plan.schedule_record(args, evaluation))
+
+
+def _plot_records(evaluates: bool, epochs: int = 3, steps: int = 20) -> list[dict[str, Any]]:
+    """metrics.jsonl lines like a run's after a few epochs (log steps, epoch means, evaluations), for timing one
+    redraw of training_curves.png: its cost is the figure's, nearly independent of the number of points."""
+    records: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        for batch in range(1, steps + 1):
+            records.append({"kind": "step", "epoch": epoch, "step": epoch * steps + batch, "batch": batch,
+                            "batches": steps, "loss": 2.0 / (1 + epoch * steps + batch)})
+        record = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * steps, "batch": steps, "batches": steps,
+                  "loss": 2.0 / (1 + (epoch + 1) * steps)}
+        if evaluates:
+            record.update(eval_accuracy=0.1 * epoch, eval_task_accuracy=0.1 * epoch, eval_attempts=1)
+        records.append(record)
+    return records
+
+
+def _decode_timed(s: Setup, batches: list[Any], allowance: float, what: str) -> Any:
+    """run_costs.measure_evaluation with the model in eval mode (as evaluate puts it), a bar on rank 0."""
+    import run_costs
+
+    was_training = s.model.training
+    s.model.eval()
+    try:
+        return run_costs.measure_evaluation(s.model, batches, precision=s.precision, time_limit=allowance,
+                                            progress=s.ctx.is_main, desc=what)
+    finally:
+        s.model.train(was_training)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _batch_seconds(s: Setup, projection: report.EpochProjection) -> tuple[float, ...]:
+    """Each batch of this process's epoch 0, in training order, as the cost model predicts it, scaled to the
+    projected epoch (a partial epoch, --max-batches, is planned on the batches it really trains)."""
+    predicted = [float(x) / 1000 for x in projection.best.model.predict(s.epoch_shapes)]
+    total = math.fsum(predicted)
+    scale = projection.seconds / total if total > 0 else 0.0
+    return tuple(max(0.0, x * scale) for x in predicted)
+
+
+def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, float],
+                 projection: report.EpochProjection, run: RunCostMeasurement) -> BenchmarkResult:
     """The result: what --json writes and what the report prints."""
     import model as model_lib
+    import run_budget
     import training
 
     args, ctx = s.args, s.ctx
     n_epoch = len(s.epoch_shapes)   # per process
-    projection = report.project_epoch(s.epoch_shapes, timings.positions, timings.batch_ms, seed=args.seed)
-    rows = report.recommendations(projection.seconds, n_epoch, max_useful_epochs=args.max_useful_epochs)
+    rows = run_budget.recommendations(run.costs, run.schedule, policy=run.policy,
+                                      time_budget_seconds=args.time_budget)
     tier = report.speed_tier(projection.seconds)
     totals = group_totals(s, timings)
     flops_per_second = totals.model_flops / totals.seconds / ctx.world_size  # per device, against one's peak
@@ -428,7 +619,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
     total, trainable = model_lib.count_parameters(s.model)
     settings = {**cli_common.speed_settings(args, s.device_info, s.precision.name, ctx.world_size),
                 "data_description": s.data_description}
-    command, why = next_command(args, rows, projection.seconds, n_epoch, tier, launcher=cli_common.launcher(ctx))
+    command, why = next_command(args, rows, tier, launcher=python_launcher(cli_common.launcher(ctx)))
     chosen, projections = projection_fields(projection)
     device = {**cli_common.jsonable(s.device_info), "type": s.device.type, "precision": s.precision.name}
     return BenchmarkResult(
@@ -454,41 +645,72 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         longest_batch=LongestBatch(longest[0].rows, longest[0].length, longest[0].tokens, longest[1]),
         batches_per_epoch=n_epoch, plan_batches_per_epoch=len(s.plan_shapes),
         epoch_seconds=projection.seconds, epoch_projection=chosen, projections=projections,
-        max_useful_epochs=args.max_useful_epochs, recommendations=tuple(rows),
+        max_useful_epochs=args.max_useful_epochs,
+        recommendations=tuple(Recommendation(**row.as_json()) for row in rows),
         tier=tier.name, tier_label=tier.label, tier_range=report.tier_range_text(tier), tier_advice=tier.advice,
         diagnostics=tuple(diagnose(s, timings, projection, totals.reserved_bytes)),
         skipped_steps=int(s.step.skipped_steps),  # note: a sync point, once, after timing
         next_command=command, next_command_why=why,
-        estimate=parallel_estimate(s, projection.best.model))
+        estimate=parallel_estimate(s, projection.best.model),
+        run_costs=run.info, schedule=run.schedule_info)
 
 
-def next_command(args: argparse.Namespace, rows: list[report.Recommendation], epoch_seconds: float,
-                 batches_per_epoch: int, tier: report.Tier, launcher: Sequence[str] = ("python",)) -> tuple[str, str]:
-    """The trainer command with these settings (started by `launcher`), and why that epoch count.
+def python_launcher(launcher: Sequence[str]) -> list[str]:
+    """`launcher` with a bare `python` replaced by the interpreter running this script (a bare `python` may be
+    one without torch), written relative to the current folder when it lies under it (`.venv/bin/python`)."""
+    if list(launcher) != ["python"] or not sys.executable:
+        return list(launcher)
+    executable = sys.executable
+    try:
+        relative = os.path.relpath(executable)
+    except ValueError:   # another drive (Windows)
+        return [executable]
+    if not relative.startswith(os.pardir):
+        return [relative if os.sep in relative else os.path.join(os.curdir, relative)]
+    on_path = shutil.which(os.path.basename(executable))
+    if on_path and os.path.realpath(on_path) == os.path.realpath(executable):
+        return [os.path.basename(executable)]   # what `python3` on the PATH runs anyway
+    return [executable]
+
+
+def choose_row(args: argparse.Namespace, rows: Sequence[Any], tier: report.Tier) -> tuple[Any, str]:
+    """The recommendation the next command runs, and why: the --time-budget row when given; otherwise the
+    shortest budget of the table whose plan trains at least one whole epoch (the largest budget's row when
+    none does)."""
+    import run_budget
+
+    if args.time_budget is not None:
+        row = next(r for r in rows if r.source == "--time-budget")
+        return row, f"fits --time-budget {report.duration_text(args.time_budget)}: {run_budget.format_row(row)}"
+    table = [r for r in rows if r.source == "table"]
+    whole = [r for r in table if r.plan is not None and r.max_batches is None]
+    row = whole[0] if whole else table[-1]
+    which = ("the shortest budget in the table that trains a whole epoch" if whole
+             else "the longest budget in the table (none of them holds a whole epoch)")
+    return row, (f"{which}: {run_budget.format_row(row)}; pass --time-budget (e.g. 2h) to plan yours "
+                 f"(the {tier.label.lower()} tier)")
+
+
+def next_command(args: argparse.Namespace, rows: Sequence[Any], tier: report.Tier,
+                 launcher: Sequence[str] = ("python",)) -> tuple[str, str]:
+    """The trainer command with these settings (started by `launcher`) and the chosen row, and why.
 
     `--random-init` is not repeated: random weights time the same as the pretrained ones, and the point of
     the run is to fine-tune the pretrained model (the trainer accepts this result for it)."""
     flags = [flag for flag in trainer_flags(args) if flag != "--random-init"]
-    if args.time_budget is not None:
-        budget = report.duration_text(args.time_budget)
-        rec = report.recommend_for_budget(args.time_budget / 3600, epoch_seconds, batches_per_epoch,
-                                          args.max_useful_epochs)
-        why = f"fits --time-budget {budget}: ~{report.format_hours(rec.total_hours)} of training steps"
-        if args.json:
-            why += (f"; or let the trainer read this result: --epochs auto --time-budget {budget} "
-                    f"--throughput-json {args.json}")
-    else:
-        epochs = min(tier.epochs, args.max_useful_epochs)
-        rec = report.Recommendation(0, epochs, epochs * epoch_seconds / 3600, epochs, False, None)
-        why = (f"the {tier.label.lower()} tier's suggestion, ~{report.format_hours(rec.total_hours)} of training "
-               f"steps; pass --time-budget (e.g. 2h) to fit a budget, or pick from the table")
+    row, why = choose_row(args, rows, tier)
+    if row.plan is None:
+        return "", why
+    if args.time_budget is not None and args.json:
+        why += (f"; or let the trainer read this result: --epochs auto --time-budget "
+                f"{report.duration_text(args.time_budget)} --throughput-json {args.json}")
     if args.random_init:
         why += (f"; timed with random weights, it trains the pretrained {args.model_name} "
                 f"(add --random-init to train from scratch)")
-    if rec.max_batches is not None:
-        head = ["--epochs", "1", "--max-batches", str(max(1, rec.max_batches))]
+    if row.max_batches is not None:
+        head = ["--epochs", "1", "--max-batches", str(row.max_batches)]
     else:
-        head = ["--epochs", str(rec.epochs)]
+        head = ["--epochs", str(row.epochs)]
     return shlex.join([*launcher, "trainloop_gpu_finetuned.py", *head, *flags]), why
 
 
@@ -496,7 +718,9 @@ def next_command(args: argparse.Namespace, rows: list[report.Recommendation], ep
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    s = setup(args)
+    import run_costs
+
+    s = setup(args, run_costs.process_start_time())   # start-up counts from process start, imports included
     try:
         return _measure(s)
     finally:
@@ -506,8 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _measure(s: Setup) -> int:
     args, info, say = s.args, s.device_info, s.ctx.print  # only rank 0 prints and writes
     per = f" per process ({s.ctx.world_size} processes)" if s.ctx.is_distributed else ""
+    skipped = len(s.data.skipped(0))
+    left_out = f" ({skipped} too long for --max-length {args.max_length}, left out)" if skipped else ""
     say(f"Benchmarking {args.model_name} on {info['name']} ({s.precision.name}): {s.data_description}, "
-        f"{len(s.epoch_shapes)} batches per epoch{per}")
+        f"{len(s.data.encoded(0))} samples{left_out}, {len(s.epoch_shapes)} batches per epoch{per}")
     if s.compiled:
         say("Decoder blocks compiled (--compile): the first steps include compiling, outside the timed window")
     import run_setup
@@ -515,7 +741,7 @@ def _measure(s: Setup) -> int:
     recompute = run_setup.describe_long_batches(args, s.step, s.data)
     if recompute:
         say(recompute[0].upper() + recompute[1:])
-    compile_graph_variants(s)
+    compiled = compile_graph_variants(s)
     longest = run_longest_batch(s)
     say(f"Longest batch of the epoch ({longest[0].rows} x {longest[0].length} tokens) fits. "
         f"Warming up ({args.warmup} batch{'' if args.warmup == 1 else 'es'})...")
@@ -524,7 +750,14 @@ def _measure(s: Setup) -> int:
     with training.out_of_memory_as_user_error(s.device):  # fragmentation can still run out later
         timings = time_batches(s, args.warmup, args.num_batches,
                                on_start=lambda: say(f"Timing {args.num_batches} batches..."))
-    result = build_result(s, timings, longest)
+    projection = report.project_epoch(s.epoch_shapes, timings.positions, timings.batch_ms, seed=args.seed)
+    if not timings.interrupted:
+        say("Timing a checkpoint, the final save" + (", and evaluation by real decoding" if s.evaluation else "")
+            + " (what the run does besides training)...")
+    with training.out_of_memory_as_user_error(s.device, "while timing evaluation (--eval-batch-size "
+                                                        f"{args.eval_batch_size}: lower it first): "):
+        run = measure_run_costs(s, timings, projection, compiled)
+    result = build_result(s, timings, longest, projection, run)
     say()
     say(report.format_report(result))
     if args.json and s.ctx.is_main:
@@ -533,6 +766,12 @@ def _measure(s: Setup) -> int:
     if timings.interrupted:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    if args.time_budget is not None:
+        import run_budget
+
+        problem = run_budget.budget_problem(args.time_budget, run.costs, run.schedule, run.policy)
+        if problem:
+            raise UserError(problem)
     return 0
 
 

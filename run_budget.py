@@ -30,7 +30,6 @@ percent from run to run), and UNKNOWN_MARGIN (25%) when the error is unknown (a 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -384,25 +383,6 @@ def row_for_budget(rows: Sequence[dict[str, Any]], budget_seconds: float) -> dic
 # ---------------------------------------------------------------------------------------------------------------
 # Budgets as text
 
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*"
-                     r"(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hrs|hours?|d|days?)\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_budget(text: str) -> float:
-    """Seconds in '2h', '90m', '45s', '1.5 hours'. A bare number is refused: '2' could be 2 s or 2 h."""
-    match = _BUDGET.match(text)
-    if not match:
-        if re.fullmatch(r"\s*(\d+(\.\d*)?|\.\d+)\s*", text):
-            raise ValueError(f"--time-budget {text.strip()} has no unit: write {text.strip()}h, {text.strip()}m "
-                             f"or {text.strip()}s")
-        raise ValueError(f"cannot read {text!r} as a duration; write e.g. 2h, 90m, 1.5h or 45s")
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()[0]]
-    if seconds <= 0:
-        raise ValueError(f"the duration {text!r} must be greater than zero")
-    return seconds
-
-
 def format_budget(seconds: float) -> str:
     """'30 minutes', '1 hour', '2 hours', '45 seconds', '1.5 hours'."""
     for unit, size in (("hour", 3600), ("minute", 60)):
@@ -438,32 +418,48 @@ def _unit(seconds: float) -> tuple[str, float, int]:
 
 def format_plan(plan: RunPlan, margin: float | None = None) -> str:
     """'~1.78 h: training 1.55 h, evaluation 0.17 h, checkpoints 0.04 h, start-up 0.02 h; 10% margin'."""
-    name, size, digits = _unit(plan.planned_seconds)
+    return format_breakdown(plan.breakdown, plan.counts.evaluations > 0, margin)
+
+
+def format_breakdown(breakdown: dict[str, float], evaluates: bool = True, margin: float | None = None) -> str:
+    """format_plan from the parts' seconds (a benchmark JSON row's `breakdown`), in one unit for the line."""
+    total = sum(breakdown.values())
+    name, size, digits = _unit(total)
 
     def shown(value: float) -> str:
         return f"{value / size:.{digits}f} {name}"
 
-    parts = [f"training {shown(plan.training)}"]
-    parts.append(f"evaluation {shown(plan.evaluation)}" if plan.counts.evaluations else "no evaluation")
-    parts += [f"checkpoints {shown(plan.checkpoints)}", f"start-up {shown(plan.startup)}"]
-    text = f"~{shown(plan.planned_seconds)}: {', '.join(parts)}"
+    parts = [f"training {shown(breakdown['training'])}"]
+    parts.append(f"evaluation {shown(breakdown['evaluation'])}" if evaluates else "no evaluation")
+    parts += [f"checkpoints {shown(breakdown['checkpoints'])}", f"start-up {shown(breakdown['startup'])}"]
+    text = f"~{shown(total)}: {', '.join(parts)}"
     return text + ("" if margin is None else f"; {margin:.0%} margin")
+
+
+def format_row_fields(budget_seconds: float, epochs: int, max_batches: int | None, breakdown: dict[str, float] | None,
+                      evaluates: bool, margin: float, fits_epochs: int = 0, capped: bool = False,
+                      needed_seconds: float | None = None) -> str:
+    """format_row from a row's plain fields (what the benchmark's JSON keeps)."""
+    head = f"{format_budget(budget_seconds)} ->"
+    if breakdown is None:
+        return f"{head} too short: the smallest run needs {format_seconds(needed_seconds or 0)}"
+    detail = format_breakdown(breakdown, evaluates, margin)
+    if max_batches is not None:
+        return f"{head} part of an epoch: --epochs 1 --max-batches {max_batches} ({detail})"
+    line = f"{head} {epochs} epoch{'' if epochs == 1 else 's'} ({detail})"
+    if capped:
+        line += f"  * {fits_epochs} fit; returns diminish after ~5-8 epochs"
+    return line
 
 
 def format_row(row: BudgetRow) -> str:
     """`2 hours -> 6 epochs (~1.78 h: training 1.55 h, evaluation 0.17 h, checkpoints 0.04 h, start-up 0.02 h;
     10% margin)`, and the partial-epoch, capped and too-short forms."""
-    head = f"{format_budget(row.budget_seconds)} ->"
     plan = row.plan
-    if plan is None:
-        return f"{head} too short: the smallest run needs {format_seconds(row.needed_seconds or 0)}"
-    detail = format_plan(plan, row.margin)
-    if plan.max_batches is not None:
-        return f"{head} part of an epoch: --epochs 1 --max-batches {plan.max_batches} ({detail})"
-    line = f"{head} {plan.epochs} epoch{'' if plan.epochs == 1 else 's'} ({detail})"
-    if row.capped:
-        line += f"  * {row.fits_epochs} fit; returns diminish after ~5-8 epochs"
-    return line
+    return format_row_fields(row.budget_seconds, row.epochs, row.max_batches,
+                             None if plan is None else plan.breakdown,
+                             plan is not None and plan.counts.evaluations > 0, row.margin, row.fits_epochs,
+                             row.capped, row.needed_seconds)
 
 
 # ---------------------------------------------------------------------------------------------------------------

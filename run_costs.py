@@ -104,6 +104,12 @@ class EvalBatch:
     attempt: int                       # 1, or 2 for the second attempt (an augmented view)
     prompts: tuple[torch.Tensor, ...]
     answers: tuple[int, ...]           # tokens of each row's known answer, EOS included
+    views: int = 1                     # --eval-views K: each input's K views are rows of the same call
+
+    @property
+    def inputs(self) -> int:
+        """Test inputs this call answers (its rows are their views)."""
+        return self.rows // self.views if self.attempt == 1 else 0
 
     @property
     def rows(self) -> int:
@@ -136,27 +142,59 @@ class EvalBatch:
 
 
 def evaluation_pass(tasks: Sequence[Task], max_length: int, batch_size: int, attempts: int = 1,
-                    seed: int = 0) -> list[EvalBatch]:
+                    seed: int = 0, views: int = 1) -> list[EvalBatch]:
     """The decode calls of one evaluation pass, in the order evaluation.evaluate makes them: test inputs
     sorted by prompt length, `batch_size` at a time, each batch's second attempts (attempts=2) right after it,
-    here for every input of the batch (an upper bound: evaluate retries only the wrong ones)."""
+    here for every input of the batch (an upper bound: evaluate retries only the wrong ones). With `views` K > 1,
+    max(1, batch_size // K) inputs per call, each with the real prompts of its K views (views.task_views) and
+    their answers' lengths (a rotated grid has another row count); evaluate makes no second attempts then."""
     samples = evaluation_samples(tasks)
     if any(s.target is None for s in samples):
         raise ValueError("every evaluation input needs a known answer (use evaluation.tasks_with_answers)")
     prompts = [evaluation.prompt(s, max_length) for s in samples]
     by_length = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
+    if views > 1:
+        return [_views_batch([samples[i] for i in by_length[first:first + max(1, batch_size // views)]],
+                             max_length, views, seed)
+                for first in range(0, len(by_length), max(1, batch_size // views))]
     batches = []
     for first in range(0, len(by_length), batch_size):
         indices = by_length[first:first + batch_size]
         batches.append(EvalBatch(1, tuple(prompts[i] for i in indices),
                                  tuple(answer_tokens(samples[i].target) for i in indices)))
         if attempts == 2:
-            views = [evaluation.second_attempt_view(samples[i], seed) for i in indices]
+            views_ = [evaluation.second_attempt_view(samples[i], seed) for i in indices]
             batches.append(EvalBatch(2, tuple(evaluation.prompt(samples[i], max_length, v)
-                                              for i, v in zip(indices, views)),
+                                              for i, v in zip(indices, views_)),
                                      tuple(answer_tokens(augment_sample(samples[i], v).target)
-                                           for i, v in zip(indices, views))))
+                                           for i, v in zip(indices, views_))))
     return batches
+
+
+def _views_batch(samples: Sequence[Any], max_length: int, views: int, seed: int) -> EvalBatch:
+    """One predict_samples call: every sample under its first `views` views, all rows together."""
+    from views import task_views
+
+    prompts, answers = [], []
+    for sample in samples:
+        for view in task_views(sample, views, seed):
+            prompts.append(evaluation.prompt(sample, max_length, view))
+            answers.append(answer_tokens(sample.target if view.is_identity else augment_sample(sample, view).target))
+    return EvalBatch(1, tuple(prompts), tuple(answers), views)
+
+
+def prediction_pass(tasks: Sequence[Task], max_length: int, views: int, seed: int = 0) -> list[EvalBatch]:
+    """The decode calls of `evaluation.py --submission` over `tasks`: one per task, its test inputs under `views`
+    views each (run_prediction's predict_samples call). Known answers give the decode lengths."""
+    return [_views_batch(evaluation_samples([task]), max_length, views, seed) for task in tasks]
+
+
+def scoring_seconds(batches: Sequence[EvalBatch], model: "EvalCostModel") -> float:
+    """Candidate scoring planned for views > 1 (evaluation.rerank): one teacher-forced pass per call over its
+    rows, prompt and answer (what scoring one candidate per input costs); no decode steps. It runs only where
+    the views disagree, so this is an estimate from the fitted prompt cost, not a timing."""
+    return math.fsum(model.per_batch + model.per_prompt_token * (b.prompt_tokens + b.generated_tokens)
+                     for b in batches if b.views > 1)
 
 
 def nonnegative_least_squares(features: np.ndarray, targets: np.ndarray, max_terms: int | None = None) -> np.ndarray:
@@ -299,7 +337,8 @@ def time_decode(model: torch.nn.Module, batch: EvalBatch, precision: Any = None)
 
 def measure_evaluation(model: torch.nn.Module, batches: Sequence[EvalBatch], *, precision: Any = None,
                        time_limit: float = math.inf, max_batches: int | None = None, progress: bool = True,
-                       clock: Callable[[EvalBatch], float] | None = None) -> EvalMeasurement:
+                       clock: Callable[[EvalBatch], float] | None = None,
+                       desc: str = "Timing evaluation") -> EvalMeasurement:
     """Time real decoding of a sample of `batches` (evaluation_pass) within `time_limit` seconds and project
     one pass. The cheapest batch is always timed (after an untimed warm-up decode of it, so one-off costs do
     not enter the fit); every further batch in `sampling_order` is timed only if its predicted seconds fit
@@ -316,7 +355,7 @@ def measure_evaluation(model: torch.nn.Module, batches: Sequence[EvalBatch], *, 
     clock(EvalBatch(cheapest.attempt, cheapest.prompts[:1], (min(2, cheapest.answers[0]),)))  # warm-up
     timed: dict[int, float] = {}
     from tqdm import tqdm
-    bar = tqdm(total=len(order), desc="Timing evaluation", unit="batch", file=sys.stderr, leave=False,
+    bar = tqdm(total=len(order), desc=desc, unit="batch", file=sys.stderr, leave=False,
                disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     try:
         for index in order:
@@ -342,7 +381,7 @@ def measure_evaluation(model: torch.nn.Module, batches: Sequence[EvalBatch], *, 
         heldout = float(np.sqrt(np.mean(np.square(errors))))
     return EvalMeasurement(pass_seconds=project_pass(batches, fitted, timed), model=fitted, batches=len(batches),
                            timed=timed, spent_seconds=time.perf_counter() - began, heldout_error=heldout,
-                           inputs=sum(b.rows for b in batches if b.attempt == 1),
+                           inputs=sum(b.inputs for b in batches),
                            prompt_tokens=sum(b.prompt_tokens for b in batches),
                            generated_tokens=sum(b.generated_tokens for b in batches))
 

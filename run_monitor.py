@@ -28,13 +28,31 @@ class StepTimeModel:
     ARC samples vary ~100x in length, so 'remaining batches x mean batch time' swings with whichever samples
     came last; remaining steps and tokens through this fit does not. The fixed part `a` (optimizer step,
     launch overhead) matters at batch size 1.
+
+    One-off costs are left out, so the ETA is of steady steps: the first `skip_first` steps (the allocator's
+    growth, kernel selection, compiling), and later any step over ONE_OFF_FACTOR x what the fit predicts for it
+    (a new shape's first allocation). On the tiny CPU model, epoch 0's first steps made the next-epoch ETA 14x
+    too long.
     """
 
-    def __init__(self, decay: float = 1 - 1 / 500):
+    ONE_OFF_FACTOR = 10.0
+
+    def __init__(self, decay: float = 1 - 1 / 500, skip_first: int = 5):
         self.decay = decay
+        self.skip_first = skip_first
+        self.seen = 0
+        self.left_out = 0
         self.n = self.t = self.tt = self.y = self.ty = 0.0
 
     def add(self, tokens: int, seconds: float) -> None:
+        self.seen += 1
+        if self.seen <= self.skip_first:
+            return
+        if self.n >= 20:
+            expected = self.predict(1, tokens)
+            if expected is not None and expected > 0 and seconds > self.ONE_OFF_FACTOR * expected:
+                self.left_out += 1
+                return
         d = self.decay
         self.n = self.n * d + 1
         self.t = self.t * d + tokens
@@ -72,7 +90,10 @@ class SlowdownMonitor:
     model, from its JSON, for their shapes), so a run of long samples is not mistaken for a slowdown.
     """
 
-    def __init__(self, benchmark_model: throughput_report.CostModel | None = None):
+    def __init__(self, benchmark_model: throughput_report.CostModel | None = None, device_type: str = "cuda"):
+        # Advice names only tools of the device the run is on.
+        self.check_tool = ("check nvidia-smi" if device_type == "cuda"
+                           else "check top for other processes and free memory")
         self.reference: tuple[float, float] | None = None
         self.benchmark_model = benchmark_model
         self.window: deque[tuple[int, float, float]] = deque(maxlen=WINDOW_STEPS)
@@ -99,7 +120,7 @@ class SlowdownMonitor:
             if self._slow_twice("run", ratio > SLOWDOWN_FACTOR):
                 warnings.append(f"steps are now {ratio:.1f}x slower than early in this run for the same sample "
                                 f"lengths; something may be degrading (memory pressure, thermal throttling, "
-                                f"another process: check nvidia-smi)")
+                                f"another process: {self.check_tool})")
         if self.benchmark_model is not None:
             expected = sum(benchmark for _, _, benchmark in self.window)
             ratio = actual / max(1e-9, expected)
@@ -107,7 +128,7 @@ class SlowdownMonitor:
                 warnings.append(f"steps take {ratio:.2f}x as long as measure_throughput.py measured for batches of "
                                 f"these shapes ({1000 * actual / len(self.window):.0f} ms against "
                                 f"{1000 * expected / len(self.window):.0f} ms per batch, last {len(self.window)} "
-                                f"batches); check nvidia-smi for memory pressure or another process")
+                                f"batches); {self.check_tool} (memory pressure or another process)")
         return warnings
 
     def _slow_twice(self, kind: str, slow: bool) -> bool:

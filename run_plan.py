@@ -100,27 +100,108 @@ def plan_evaluation(args: argparse.Namespace, tasks: Any) -> EvalPlan:
             raise UserError(f"{source.description}: no task with known test outputs to evaluate on; give "
                             f"--eval-data with solutions, or --eval-tasks 0")
     return EvalPlan(tuple(chosen), description, args.eval_every, args.eval_attempts, args.eval_batch_size,
-                    args.early_stop, args.eval_views, args.eval_score)
+                    getattr(args, "early_stop", 0), args.eval_views, args.eval_score)  # the benchmark has no --early-stop
 
 
-def read_benchmark(args: argparse.Namespace, current: dict[str, Any], batches_per_epoch: int
-                   ) -> tuple[BenchmarkResult | None, int | str, int | None, list[str]]:
-    """The --throughput-json result when it applies to this run (None otherwise), the epochs and max batches
-    (from it for --epochs auto), and notes to print."""
+@dataclass(frozen=True)
+class BenchmarkReading:
+    """What the --throughput-json result gives this run: the result when it applies (None otherwise), the
+    epochs and max batches (from it for --epochs auto), the whole-run plan it makes for this run's epochs
+    (run_budget.RunPlan; None when the result does not apply or the run resumes), and notes to print."""
+    result: BenchmarkResult | None
+    epochs: int | str
+    max_batches: int | None
+    whole_run: Any = None
+    margin: float | None = None
+    notes: tuple[str, ...] = ()
+
+
+def schedule_record(args: argparse.Namespace, evaluation: "EvalPlan") -> benchmark_result.Schedule:
+    """The settings a whole-run plan's counts depend on, as the benchmark records them and the trainer checks."""
+    return benchmark_result.Schedule(
+        eval_tasks=len(evaluation.tasks) if evaluation else 0, eval_data=args.eval_data if evaluation else None,
+        eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_attempts=args.eval_attempts,
+        eval_views=args.eval_views, save_every=args.save_every, grad_accum=args.grad_accum)
+
+
+def schedule_mismatches(recorded: benchmark_result.Schedule, current: benchmark_result.Schedule) -> list[str]:
+    """The schedule settings that differ ('eval_tasks: benchmark 100, this run 0'), one line each."""
+    flag = {"eval_tasks": "--eval-tasks", "eval_data": "--eval-data", "eval_every": "--eval-every",
+            "eval_batch_size": "--eval-batch-size", "eval_attempts": "--eval-attempts", "eval_views": "--eval-views",
+            "save_every": "--save-every", "grad_accum": "--grad-accum"}
+    return [f"{flag[name]}: benchmark {getattr(recorded, name)!r}, this run {getattr(current, name)!r}"
+            for name in flag if getattr(recorded, name) != getattr(current, name)]
+
+
+def run_costs_of(result: BenchmarkResult) -> Any:
+    """run_budget.RunCosts from a result's measurements (the per-batch predictions are not stored: a partial
+    epoch not in the result's rows is planned at the epoch's mean batch)."""
+    import run_budget
+
+    costs, evaluation = result.run_costs, result.run_costs.evaluation
+    return run_budget.RunCosts(
+        startup_seconds=costs.startup_seconds, epoch_seconds=result.epoch_seconds,
+        batches_per_epoch=result.batches_per_epoch,
+        eval_pass_seconds=evaluation.pass_seconds if evaluation else 0.0,
+        checkpoint_seconds=costs.checkpoint_seconds, final_save_seconds=costs.final_save_seconds,
+        plot_seconds=costs.plot_seconds, expected_error=result.epoch_projection.expected_error,
+        eval_error=evaluation.expected_error if evaluation else None)
+
+
+def budget_schedule(result: BenchmarkResult) -> Any:
+    import run_budget
+
+    schedule = result.schedule
+    return run_budget.Schedule(result.batches_per_epoch, grad_accum=schedule.grad_accum,
+                               eval_enabled=schedule.eval_tasks > 0, eval_every=schedule.eval_every,
+                               save_every=schedule.save_every)
+
+
+def budget_policy(result: BenchmarkResult) -> Any:
+    """The benchmark's policy: the margin rules, and the reserve that keeps a run on plan clear of the stop rules."""
+    import run_budget
+
+    costs = run_costs_of(result)
+    return run_budget.BudgetPolicy(reserve_seconds=run_budget.stop_rule_reserve(costs, result.per_batch_ms.max / 1000),
+                                   max_useful_epochs=result.max_useful_epochs)
+
+
+def plan_of_row(row: benchmark_result.Recommendation) -> Any:
+    """A result's row as run_budget.RunPlan (its parts exactly as the benchmark planned them)."""
+    import run_budget
+
+    assert row.breakdown is not None and row.counts is not None
+    return run_budget.RunPlan(row.epochs, row.max_batches, run_budget.EventCounts(**row.counts), **row.breakdown)
+
+
+def read_benchmark(args: argparse.Namespace, current: dict[str, Any], batches_per_epoch: int,
+                   evaluation: "EvalPlan | None" = None, resuming: bool = False) -> BenchmarkReading:
+    """Read --throughput-json for this run: --epochs auto takes the whole-run row for --time-budget; with
+    --epochs N a result measured with these settings plans N epochs, so the run can report against it."""
+    import run_budget
+
     epochs, max_batches = args.epochs, args.max_batches
     if not args.throughput_json:
-        return None, epochs, max_batches, []
+        return BenchmarkReading(None, epochs, max_batches)
     result = benchmark_result.load(args.throughput_json)
+    schedule = schedule_record(args, evaluation) if evaluation is not None else result.schedule
     if epochs == "auto":
-        epochs, auto_batches, why = epochs_from_benchmark(result, args.throughput_json, args.time_budget, current,
-                                                          batches_per_epoch)
+        epochs, auto_batches, why, plan, margin = epochs_from_benchmark(
+            result, args.throughput_json, args.time_budget, current, batches_per_epoch, schedule)
         if auto_batches is not None:
             max_batches = min(auto_batches, max_batches or auto_batches)
-        return result, epochs, max_batches, [why]
-    if throughput_report.settings_mismatches(result.settings, current):
-        return None, epochs, max_batches, [f"{args.throughput_json} was measured with other settings; not "
-                                           f"comparing speeds"]
-    return result, epochs, max_batches, []
+        if plan is not None and max_batches != plan.max_batches:   # --max-batches below the row's
+            plan = run_budget.plan_run(run_costs_of(result), budget_schedule(result).with_length(epochs, max_batches))
+        return BenchmarkReading(result, epochs, max_batches, None if resuming else plan, margin, (why,))
+    differences = throughput_report.settings_mismatches(result.settings, current)
+    if differences:
+        return BenchmarkReading(None, epochs, max_batches, notes=(f"{args.throughput_json} was measured with other "
+                                                                  f"settings; not comparing speeds",))
+    plan = None
+    if not resuming and not schedule_mismatches(result.schedule, schedule) and result.batches_per_epoch == batches_per_epoch:
+        plan = run_budget.plan_run(run_costs_of(result), budget_schedule(result).with_length(int(epochs), max_batches))
+    return BenchmarkReading(result, epochs, max_batches, plan,
+                            run_budget.plan_margin(plan, run_costs_of(result), budget_policy(result)) if plan else None)
 
 
 def make_plan(args: argparse.Namespace, data: Any, ctx: distributed.DistributedContext, epochs: int,
@@ -148,37 +229,51 @@ def make_plan(args: argparse.Namespace, data: Any, ctx: distributed.DistributedC
 
 
 def epochs_from_benchmark(result: BenchmarkResult, path: str, budget_seconds: float, current: dict[str, Any],
-                          batches_per_epoch: int) -> tuple[int, int | None, str]:
-    """(epochs, max_batches or None, explanation) for --epochs auto, from a measure_throughput.py result.
+                          batches_per_epoch: int, schedule: benchmark_result.Schedule | None = None
+                          ) -> tuple[int, int | None, str, Any, float]:
+    """(epochs, max_batches or None, explanation, the whole-run plan, its margin) for --epochs auto: the result's
+    row for this budget (its --time-budget row first), or the same planning for a budget it has no row for.
 
     Refuses (UserError, with every difference) when the result was measured with other speed-relevant
-    settings, on another device, or on data with another number of batches per epoch.
+    settings, on another device, on data with another number of batches per epoch, or for another schedule
+    (evaluation and checkpoint flags: the plan counts their cost); and a budget too short for any run.
     """
+    import run_budget
+
     differences = throughput_report.settings_mismatches(result.settings, current)
     if result.batches_per_epoch != batches_per_epoch:
         differences.append(f"batches per epoch: benchmark {result.batches_per_epoch}, this run {batches_per_epoch}")
+    if schedule is not None:
+        differences += schedule_mismatches(result.schedule, schedule)
     if differences:
         world_size = current.get("world_size", 1)
         how = (f"torchrun --nproc_per_node {world_size} measure_throughput.py" if world_size > 1
                else "measure_throughput.py")
-        raise UserError(f"--epochs auto: {path} was measured with other settings, so its epoch time does not apply "
+        raise UserError(f"--epochs auto: {path} was measured with other settings, so its plan does not apply "
                         f"({'; '.join(differences)}); rerun {how} with this run's flags on this "
                         f"device, or give --epochs N")
-    hours = budget_seconds / 3600
-    row = next((r for r in result.recommendations if math.isclose(r.budget_hours, hours, rel_tol=1e-6)), None)
-    if row is None:
-        row = throughput_report.recommend_for_budget(hours, result.epoch_seconds, batches_per_epoch,
-                                                     result.max_useful_epochs)
-    budget = (throughput_report.format_duration(hours) if budget_seconds % 60 == 0 else clock(budget_seconds))
+    costs, plan_schedule, policy = run_costs_of(result), budget_schedule(result), budget_policy(result)
+    problem = run_budget.budget_problem(budget_seconds, costs, plan_schedule, policy)
+    if problem:
+        raise UserError(f"--epochs auto: {problem}")
+    rows = [row for row in result.recommendations if row.breakdown is not None
+            and math.isclose(row.budget_hours * 3600, budget_seconds, rel_tol=1e-9)]
+    rows.sort(key=lambda row: row.source != "--time-budget")
+    if rows:
+        row = rows[0]
+        plan, margin, fits, capped = plan_of_row(row), row.margin, row.fits_epochs, row.capped
+    else:
+        budget_row = run_budget.recommend(budget_seconds, costs, plan_schedule, policy, source="--time-budget")
+        plan, margin, fits, capped = budget_row.plan, budget_row.margin, budget_row.fits_epochs, budget_row.capped
+    budget = run_budget.format_budget(budget_seconds)
     where = f"{path}: {result.epoch_seconds / 60:.1f} min per epoch on {result.settings.get('device')}"
-    if row.max_batches is not None:
-        if row.max_batches == 0:
-            raise UserError(f"--epochs auto: not even one batch fits in {budget} "
-                            f"({where}); give a longer --time-budget")
-        return 1, row.max_batches, (f"--epochs auto: 1 epoch of {row.max_batches} batches ({where}; "
-                                    f"a whole epoch does not fit {budget})")
-    capped = f", capped at the useful maximum though {row.fits_epochs} fit" if row.capped else ""
-    return row.epochs, None, (f"--epochs auto: {plural(row.epochs, 'epoch')} in {budget} ({where}{capped})")
+    detail = run_budget.format_plan(plan, margin)
+    if plan.max_batches is not None:
+        return 1, plan.max_batches, (f"--epochs auto: 1 epoch of {plan.max_batches} batches in {budget} ({detail}; "
+                                     f"{where}; a whole epoch does not fit)"), plan, margin
+    capped_text = f", capped at the useful maximum though {fits} fit" if capped else ""
+    return plan.epochs, None, (f"--epochs auto: {plural(plan.epochs, 'epoch')} in {budget} ({detail}; "
+                               f"{where}{capped_text})"), plan, margin
 
 
 def benchmark_cost_model(result: BenchmarkResult) -> throughput_report.CostModel:

@@ -1,8 +1,9 @@
 """From timed training steps to an epoch-time projection, epoch counts per time budget, and a report.
 
 Everything here is pure (no torch, no model), so it is unit-tested on fixed timings and shared with the
-trainer: `settings_mismatches` to check a result (benchmark_result.py reads it), `recommend_for_budget`
-for `--epochs auto`, `duration_text` to write a --time-budget back, and `format_report`.
+trainer: `settings_mismatches` to check a result (benchmark_result.py reads it), `duration_text` to write a
+--time-budget back, and `format_report`. The recommendations plan the whole run (run_budget.py);
+`recommend_for_budget` is the training-steps-only count, the floor run_budget's tests compare against.
 
 How the epoch is projected (see `project_epoch`). ARC sample lengths vary ~100x (median ~750 tokens, max ~7460),
 so the mean of a few hundred timed batches can be far from the mean of the epoch. Two projections are made:
@@ -553,25 +554,21 @@ def format_epoch(seconds: float, batches: int, what: str) -> list[str]:
 
 
 def format_recommendations(rows: Sequence[Recommendation], max_useful_epochs: int) -> list[str]:
-    lines = ["RECOMMENDED EPOCH COUNTS", RULE, "If you have [TIME BUDGET] available:"]
+    """The table: one line per budget with the whole run's plan (run_budget.format_row_fields), the
+    --time-budget row marked. Rows without a breakdown (training steps only) are printed as such."""
+    import run_budget
+
+    lines = ["RECOMMENDED EPOCH COUNTS", RULE, "If you have [TIME BUDGET] available (the whole run: start-up, "
+             "training, evaluation, checkpoints; the margin keeps it inside at the projection's upper end):"]
     for row in rows:
-        budget = f"{format_duration(row.budget_hours):<16} ->"
-        if row.max_batches is not None:
-            if row.max_batches == 0:
-                lines.append(f"{budget} not even one batch fits")
-            else:
-                lines.append(f"{budget} part of an epoch: --epochs 1 --max-batches {row.max_batches} "
-                             f"(~{format_hours(row.total_hours)})")
-            continue
-        epochs = f"{row.epochs} epoch" + ("" if row.epochs == 1 else "s")
-        line = f"{budget} {epochs} (~{format_hours(row.total_hours)})"
-        if row.capped:
-            line += f"  * {row.fits_epochs} fit; returns diminish after ~5-8 epochs"
-        lines.append(line)
+        text = run_budget.format_row_fields(row.budget_hours * 3600, row.epochs, row.max_batches, row.breakdown,
+                                            bool(row.counts and row.counts.get("evaluations")), row.margin,
+                                            row.fits_epochs, row.capped, row.needed_seconds)
+        head, _, rest = text.partition(" -> ")
+        lines.append(f"{head:<16} -> {rest}" + ("   <- --time-budget" if row.source == "--time-budget" else ""))
     if any(row.capped for row in rows):
         lines.append(f"* capped at {max_useful_epochs} epochs, the useful maximum (--max-useful-epochs); "
                      f"spend the rest on a bigger model or more data")
-    lines.append("Times are training steps only; evaluation and checkpoints add to them.")
     return lines
 
 
@@ -595,8 +592,11 @@ def _device_lines(result: BenchmarkResult) -> list[str]:
                      f"all-reduce included; batches and times below are per process, tokens/s of all of them")
     lines.append(f"Model: {result.settings.get('model_name')} ({result.model.parameters:,} parameters, "
                  f"{result.model.trainable_parameters:,} trained)")
-    lines.append(f"Data: {result.data.description}: {result.data.samples} samples, {result.batches_per_epoch} "
-                 f"batches per epoch")
+    too_long = result.data.samples_too_long
+    left_out = (f" ({too_long} too long for --max-length {result.settings.get('max_length')}, left out)"
+                if too_long else "")
+    lines.append(f"Data: {result.data.description}: {result.data.samples} samples{left_out}, "
+                 f"{result.batches_per_epoch} batches per epoch")
     return lines
 
 
@@ -638,6 +638,40 @@ def _projection_lines(result: BenchmarkResult) -> list[str]:
     return lines
 
 
+def _run_cost_lines(result: BenchmarkResult) -> list[str]:
+    """What the run does besides its training steps, as measured (the recommendations plan with these)."""
+    import run_budget
+
+    costs, schedule = result.run_costs, result.schedule
+    shown = run_budget.format_seconds
+    compiled = ", compiling" if result.compiled else ""
+    lines = ["Besides training (measured here with the trainer's settings; the recommendations plan them):",
+             f"  start-up     {shown(costs.startup_seconds)} (process start to the first step: loading, data, "
+             f"model{compiled}, the first steps' one-off cost)"]
+    evaluation = costs.evaluation
+    if evaluation is None:
+        lines.append("  evaluation   off (--eval-tasks 0)")
+    else:
+        views = (f", {schedule.eval_views} views per input, candidate scoring {shown(evaluation.scoring_seconds)} "
+                 f"estimated" if schedule.eval_views > 1 else "")
+        attempts = ", second attempts planned for every input" if schedule.eval_attempts == 2 else ""
+        lines.append(f"  evaluation   {shown(evaluation.pass_seconds)} per pass ({schedule.eval_tasks} tasks, "
+                     f"{evaluation.inputs} test inputs, {evaluation.batches} decode calls of up to "
+                     f"{schedule.eval_batch_size} rows{views}{attempts}); {evaluation.timed_batches} timed by real "
+                     f"decoding to the known answers' lengths ({shown(evaluation.timed_seconds)}), the rest from "
+                     f"the fitted cost; expected error ±{evaluation.expected_error:.0%}")
+    lines.append(f"  checkpoints  {shown(costs.checkpoint_seconds)} per write ({format_bytes(costs.checkpoint_bytes)}), "
+                 f"final model {shown(costs.final_save_seconds)} ({format_bytes(costs.final_save_bytes)}), plot "
+                 f"{shown(costs.plot_seconds)}")
+    if costs.prediction_seconds_per_task is not None:
+        lines.append(f"  prediction   {shown(costs.prediction_seconds_per_task)} per task with {costs.prediction_views} "
+                     f"view{'' if costs.prediction_views == 1 else 's'} (evaluation.py --submission; the evaluation "
+                     f"tasks stand in for the challenges file)")
+    lines.append(f"  measuring these added {shown(costs.added_seconds)}, {costs.added_share:.1%} of the benchmark's "
+                 f"{shown(costs.benchmark_seconds)}")
+    return lines
+
+
 def format_report(result: BenchmarkResult) -> str:
     """The human-readable report of a result (the same object that --json writes)."""
     r = result
@@ -653,6 +687,7 @@ def format_report(result: BenchmarkResult) -> str:
     lines += [""] + _speed_lines(r) + [""] + _projection_lines(r)
     if r.estimate is not None:
         lines += [""] + format_estimate(r.estimate, r.epoch_seconds)
+    lines += [""] + _run_cost_lines(r)
     lines += [""] + format_recommendations(r.recommendations, r.max_useful_epochs) + [""]
     lines.append(f"Speed tier: {r.tier_label} ({r.tier_range}; {r.per_batch_ms.mean:.0f} ms/batch x "
                  f"{r.batches_per_epoch} batches)")
@@ -663,5 +698,8 @@ def format_report(result: BenchmarkResult) -> str:
     elif r.tier in ("slower", "slow"):
         lines.append("Diagnostics: no bottleneck stands out (data, memory, CPU, fp16 skips all normal): the model "
                      "and sample lengths cost this much; --lora-rank 16 or a smaller --max-length make it faster")
-    lines += ["", "Next command:", f"  {r.next_command}", f"  ({r.next_command_why})"]
+    if r.next_command:
+        lines += ["", "Next command:", f"  {r.next_command}", f"  ({r.next_command_why})"]
+    else:
+        lines += ["", f"No command: {r.next_command_why}"]
     return "\n".join(lines)

@@ -79,6 +79,7 @@ from distributed import DistributedContext
 from errors import EXIT_INTERRUPTED, UserError, printable, run_cli
 from evaluation import EvalResult, evaluate, merge_results
 from model import count_parameters, save_model
+from run_budget import MeasuredRun, format_comparison, format_plan, run_record
 from run_monitor import (REPORT_TO, EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics,
                          report_to_problems)
 from run_plan import (METRICS_FILE, MODEL_DIR, PLAN_FIELDS, RUNS_DIR, RunPlan, benchmark_cost_model, make_plan,
@@ -385,12 +386,18 @@ class RunInfo:
     tasks_description: str
     started: float                 # time.monotonic() at start
     run_id: str | None = None      # run_lock: the id in the output folder's run.json and every checkpoint
+    process_started: float | None = None   # time.monotonic() when the process started (run_costs)
+    whole_run: Any = None          # run_budget.RunPlan from the benchmark (None: no plan applies)
+    margin: float | None = None    # the plan's margin
 
 
 # ------------------------------------------------------------------------------------------------- train
 
 def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], started: float) -> int:
     """Set up (each step returns what it builds), train, finish; returns the exit code."""
+    import run_costs
+
+    process_started = run_costs.process_start_time()   # the run's clock starts with the process, imports included
     ctx = join_group(args, resume_from)
     output = None
     try:
@@ -400,13 +407,15 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         evaluation = plan_evaluation(args, tasks)
         current = speed_settings(args, device_info, precision.name, ctx.world_size)
         batches_per_epoch = distributed.steps_per_epoch(data.num_batches(0), ctx.world_size)
-        benchmark, epochs, max_batches, benchmark_notes = read_benchmark(args, current, batches_per_epoch)
+        reading = read_benchmark(args, current, batches_per_epoch, evaluation, resuming=resume_from is not None)
+        benchmark, epochs, max_batches = reading.result, reading.epochs, reading.max_batches
         plan = make_plan(args, data, ctx, epochs, max_batches, evaluation, resume_from, started)
         output = prepare_output(plan, ctx, resume_from, args.report_to)
         metrics = output.metrics
         parts = build_training_step(args, ctx, precision, plan.total_steps, data)
-        info = RunInfo(args, device_info, precision, tasks.description, started, output.run_id)
-        notes = notes + benchmark_notes
+        info = RunInfo(args, device_info, precision, tasks.description, started, output.run_id, process_started,
+                       reading.whole_run, reading.margin)
+        notes = notes + list(reading.notes)
         if resume_from is not None:
             state = restore(resume_from, parts, ctx, metrics)
             notes.append(f"resumed from {resume_from}: epoch {state.epoch}, batch {state.batch}, step {state.step}")
@@ -421,7 +430,7 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
                           model_bytes=4 * parameters)
         guard = NonFiniteGuard(ctx, ctx.device, parts.step.skipped_steps, precision.use_grad_scaler,
                                args.max_bad_steps, precision.name)
-        monitor = SlowdownMonitor(benchmark_cost_model(benchmark) if benchmark else None)
+        monitor = SlowdownMonitor(benchmark_cost_model(benchmark) if benchmark else None, ctx.device.type)
         ctx.print("\n".join(banner(info, plan, parts, data, ctx, parameters, trainable) + notes))
         loop = TrainLoop(info, plan, parts, data, ctx, state, metrics, stops, guard, monitor,
                          last_checkpoint=resume_from)
@@ -433,7 +442,9 @@ def train(args: argparse.Namespace, resume_from: Path | None, notes: list[str], 
         if outcome in ("completed", "time budget", "early stop"):
             final_model = loop.save_final_model(outcome)
         loop.plot()
-        return finish(info, plan, loop, outcome, final_model)
+        measured = loop.measured_run()
+        loop.metrics.write(run_record(measured, info.whole_run, args.time_budget))  # the last line of metrics.jsonl
+        return finish(info, plan, loop, outcome, final_model, measured)
     finally:
         if output is not None:
             output.metrics.close()  # flushes TensorBoard's events, also after an error
@@ -492,6 +503,9 @@ def banner(info: RunInfo, plan: RunPlan, parts: TrainingParts, data: Any, ctx: D
                         f"each optimizer step trains one batch on each, {world * args.grad_accum} batches in all, "
                         f"so an epoch's {data.num_batches(0)} batches take "
                         f"{distributed.steps_per_epoch(data.num_batches(0), world)} per process")
+    if info.whole_run is not None:
+        lines.append(f"plan: {format_plan(info.whole_run, info.margin)} (from --throughput-json; the run "
+                     f"reports against it at the end)")
     if plan.deadline is not None:
         ends = datetime.now() + timedelta(seconds=plan.deadline - time.monotonic())
         lines.append(f"time budget: {clock(args.time_budget)}: stops with a checkpoint before {ends:%H:%M:%S}")
@@ -520,6 +534,8 @@ class TrainLoop:
         self.log_loss = torch.tensor(state.log_loss_sum, dtype=torch.float32, device=self.device)
         self.epoch_loss = torch.tensor(state.epoch_loss_sum, dtype=torch.float32, device=self.device)
         self.timed_steps = 0
+        self.spent = MeasuredRun()        # seconds per part of the run, for the end-of-run comparison
+        self.first_step_at: float | None = None   # time.monotonic() when the first step began
         self.tick = time.perf_counter()
         self.pause_depth = 0
         self.shown_loss: float | None = None
@@ -555,6 +571,8 @@ class TrainLoop:
                        disable=not self.ctx.is_main)
         bar.stats = self.bar_stats()
         self.tick = time.perf_counter()
+        if self.first_step_at is None:
+            self.first_step_at = time.monotonic()
         try:
             while loop.batch < total:
                 index = loop.batch
@@ -632,6 +650,7 @@ class TrainLoop:
         """Add the wall time since the last tick to this epoch's training time; returns it."""
         now = time.perf_counter()
         seconds, self.tick = now - self.tick, now
+        self.spent.training += seconds
         self.state.epoch_seconds += seconds
         self.state.log_seconds += seconds
         return seconds
@@ -740,8 +759,16 @@ class TrainLoop:
     # ---- evaluation
 
     def evaluate(self) -> EvalResult | None:
-        """Exact-match evaluation (None when skipped for the time budget or interrupted part-way); call inside
-        `paused()`."""
+        """Exact-match evaluation (None when skipped for the time budget or interrupted part-way), timed as the
+        run's evaluation part; call inside `paused()`."""
+        start = time.perf_counter()
+        try:
+            return self._evaluate()
+        finally:
+            self.spent.evaluation += time.perf_counter() - start
+            self.spent.counts["evaluations"] = self.spent.counts.get("evaluations", 0) + 1
+
+    def _evaluate(self) -> EvalResult | None:
         evaluation, loop = self.plan.evaluation, self.state
         fits, left = self.stops.evaluation_fits()
         if not fits:
@@ -789,11 +816,16 @@ class TrainLoop:
         self.state.epoch_loss_sum = float(self.epoch_loss.item())
         self.last_checkpoint = write_checkpoint(self.info, self.plan, self.parts, self.ctx, self.state, reason)
         self.stops.save_seconds = time.perf_counter() - start
+        self.spent.checkpoints += self.stops.save_seconds
+        self.spent.counts["checkpoints"] = self.spent.counts.get("checkpoints", 0) + 1
 
     def plot(self) -> None:
         if self.ctx.is_main:
             with self.paused():
+                start = time.perf_counter()
                 plot_metrics(self.metrics.records(), self.plan.plot_path)
+                self.spent.checkpoints += time.perf_counter() - start
+                self.spent.counts["plots"] = self.spent.counts.get("plots", 0) + 1
 
     def save_final_model(self, outcome: str) -> Path | None:
         """The final model with the settings that produced it (rank 0 writes; the others wait)."""
@@ -802,9 +834,22 @@ class TrainLoop:
                         "step": loop.step, "outcome": outcome, "last_eval": loop.last_eval,
                         "best_eval": loop.best_eval, "precision": info.precision.name, "device": info.device_info,
                         "world_size": self.ctx.world_size}
+        start = time.perf_counter()
         path = save_model(self.parts.model, self.plan.output_dir / MODEL_DIR, run_settings) if self.ctx.is_main else None
         self.ctx.barrier()
+        self.spent.checkpoints += time.perf_counter() - start
+        self.spent.counts["final_saves"] = 1
         return path
+
+    def measured_run(self) -> MeasuredRun:
+        """What the run spent so far, part by part: start-up is process start to the first step; `run_seconds`
+        runs to now (the end: the summary's printing and the interpreter's exit are not in it)."""
+        started = self.info.process_started if self.info.process_started is not None else self.info.started
+        now = time.monotonic()
+        self.spent.run_seconds = now - started
+        self.spent.startup = (self.first_step_at or now) - started
+        self.spent.counts.update(batches=self.state.step * self.args.grad_accum, optimizer_steps=self.state.step)
+        return self.spent
 
 
 def write_checkpoint(info: RunInfo, plan: RunPlan, parts: TrainingParts, ctx: DistributedContext, loop: LoopState,
@@ -851,8 +896,10 @@ def write_checkpoint(info: RunInfo, plan: RunPlan, parts: TrainingParts, ctx: Di
 
 # ---------------------------------------------------------------------------------------------- the end
 
-def finish(info: RunInfo, plan: RunPlan, loop: TrainLoop, outcome: str, final_model: Path | None) -> int:
-    """Print what happened and where everything is; returns the exit code."""
+def finish(info: RunInfo, plan: RunPlan, loop: TrainLoop, outcome: str, final_model: Path | None,
+           measured: MeasuredRun | None = None) -> int:
+    """Print what happened, the run's time planned against measured part by part, and where everything is;
+    returns the exit code."""
     args, state, ctx = info.args, loop.state, loop.ctx
     elapsed = clock(time.monotonic() - info.started)
     done = f"{state.epoch} of {plan.epochs} epochs" + (f" + {state.batch} batches" if state.batch else "")
@@ -865,7 +912,10 @@ def finish(info: RunInfo, plan: RunPlan, loop: TrainLoop, outcome: str, final_mo
         "interrupted": f"Interrupted ({loop.stop.signal_name}): {done}, {state.step} steps in {elapsed}.",
         "non-finite": f"Stopped at step {state.step}: {loop.guard.reason}.",
     }[outcome]
-    lines = [headline, f"  metrics      {loop.metrics.path}"]
+    lines = [headline]
+    if measured is not None:
+        lines += format_comparison(measured, info.whole_run)
+    lines.append(f"  metrics      {loop.metrics.path}")
     if plan.plot_path.is_file():
         lines.append(f"  plot         {plan.plot_path}")
     if loop.last_checkpoint is not None:

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 from benchmark_result import (BenchmarkResult, DataSummary, DeviceInfo, EpochProjectionInfo, LongestBatch, ModelSize,
-                              MsStats, ProjectionInfo, Recommendation)
+                              MsStats, ProjectionInfo, Recommendation, RunCostsInfo, Schedule)
 
 
 def example_result(settings: dict[str, Any] | None = None, **changes: Any) -> BenchmarkResult:
@@ -30,5 +30,10 @@ def example_result(settings: dict[str, Any] | None = None, **changes: Any) -> Be
         recommendations=(Recommendation(0.5, 3, 0.5, 3, False, None),),
         tier="fast", tier_label="Fast", tier_range="under 21.5 min per epoch", tier_advice="train",
         diagnostics=(), skipped_steps=0, next_command="python trainloop_gpu_finetuned.py --epochs 10",
-        next_command_why="the fast tier's suggestion", estimate=None)
+        next_command_why="the fast tier's suggestion", estimate=None,
+        run_costs=RunCostsInfo(startup_seconds=5.0, checkpoint_seconds=1.0, checkpoint_bytes=10**6,
+                               final_save_seconds=0.5, final_save_bytes=10**6, plot_seconds=0.2, added_seconds=2.0,
+                               added_share=0.05, benchmark_seconds=40.0, evaluation=None),
+        schedule=Schedule(eval_tasks=0, eval_data=None, eval_every=0, eval_batch_size=8, eval_attempts=1,
+                          eval_views=1, save_every=1000, grad_accum=1))
     return dataclasses.replace(result, **changes)

@@ -23,8 +23,27 @@ def test_round_trip_keeps_every_field_and_writes_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["result.json"]   # no temporary left behind
     raw = json.loads(path.read_text())
     assert raw["format"] == benchmark_result.RESULT_FORMAT and raw["per_batch_ms"]["mean"] == 10.0
-    assert raw["recommendations"][0] == {"budget_hours": 0.5, "epochs": 3, "total_hours": 0.5, "fits_epochs": 3,
-                                         "capped": False, "max_batches": None}
+    assert {k: raw["recommendations"][0][k] for k in ("budget_hours", "epochs", "total_hours", "max_batches")} == {
+        "budget_hours": 0.5, "epochs": 3, "total_hours": 0.5, "max_batches": None}
+    assert raw["run_costs"]["checkpoint_seconds"] == 1.0 and raw["schedule"]["save_every"] == 1000
+
+
+def test_a_version_1_result_is_refused_with_what_to_do(tmp_path):
+    raw = json.loads(example_result().to_json())
+    raw["format"] = "arc-throughput/1"
+    del raw["run_costs"], raw["schedule"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=r"arc-throughput/1.*cannot plan the whole run.*measure_throughput.py --json"):
+        benchmark_result.load(path)
+
+
+def test_a_breakdown_must_sum_to_the_planned_seconds():
+    import dataclasses
+    row = dataclasses.replace(example_result().recommendations[0], planned_seconds=100.0,
+                              breakdown={"startup": 1.0, "training": 90.0, "evaluation": 5.0, "checkpoints": 1.0})
+    with pytest.raises(ValueError, match="does not sum"):
+        example_result(recommendations=(row,))
 
 
 def test_the_report_reads_the_fields():

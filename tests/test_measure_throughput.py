@@ -62,7 +62,8 @@ def test_cpu_run_prints_the_guides_sections_and_writes_json(tasks_dir, tmp_path)
     for section in ("CPU: ", "Precision: fp32", "Per-Batch Time Statistics", "Average:", "Median:", "Min:",
                     "Max:", "Std Dev:", "p90:", "tokens/s (real input tokens", "Peak memory:", "MFU: n/a",
                     "Projected Single Epoch Time (18 batches", "seconds", "minutes", "hours", "expected error",
-                    "Why: ", "RECOMMENDED EPOCH COUNTS", "If you have [TIME BUDGET] available:",
+                    "Why: ", "RECOMMENDED EPOCH COUNTS", "If you have [TIME BUDGET] available (the whole run",
+                    "Besides training", "evaluation   ", "timed by real decoding", "checkpoints  ",
                     "30 minutes       ->", "12 hours         ->", "Speed tier: Fast", "Recommended: 10 epochs",
                     "Next command:"):
         assert section in text, section
@@ -107,10 +108,22 @@ def test_cpu_run_prints_the_guides_sections_and_writes_json(tasks_dir, tmp_path)
     rows = result["recommendations"]
     assert [r["budget_hours"] for r in rows] == [0.5, 1, 2, 4, 8, 12]
     assert all(r["epochs"] == 10 and r["capped"] for r in rows)   # a tiny epoch: the useful maximum everywhere
-    assert all(r["total_hours"] == pytest.approx(10 * result["epoch_seconds"] / 3600) for r in rows)
+    for r in rows:   # the whole run: its parts sum to it, training is the epochs' projection
+        assert sum(r["breakdown"].values()) == pytest.approx(r["planned_seconds"])
+        assert r["breakdown"]["training"] == pytest.approx(10 * result["epoch_seconds"])
+        assert r["counts"]["evaluations"] == 10 and r["margin"] >= 0.05
+        assert r["planned_seconds"] * (1 + r["margin"]) <= r["budget_hours"] * 3600
+    costs = result["run_costs"]
+    assert costs["evaluation"]["inputs"] == NUM_TASKS and costs["evaluation"]["timed_batches"] >= 1
+    assert rows[0]["breakdown"]["evaluation"] == pytest.approx(10 * costs["evaluation"]["pass_seconds"])
+    assert costs["checkpoint_seconds"] > 0 and costs["final_save_seconds"] > 0 and costs["startup_seconds"] > 0
+    assert 0 < costs["added_share"] < 1 and result["schedule"]["eval_tasks"] == NUM_TASKS
+    assert f"of the benchmark's" in text
 
     command = result["next_command"]
-    assert command.startswith("python trainloop_gpu_finetuned.py --epochs 10 ")
+    assert " trainloop_gpu_finetuned.py --epochs 10 " in command
+    assert command.split()[0].endswith("python") and command.split()[0] != "python"   # the interpreter that ran
+    assert "the shortest budget in the table that trains a whole epoch: 30 minutes -> 10 epochs" in text
     assert f"--data {tasks_dir}" in command and "--model-name tiny" in command and "--device cpu" in command
     assert command in text
 
@@ -200,22 +213,57 @@ def test_long_batches_recompute_above_the_given_limit_and_auto_is_off_on_cpu(tas
     assert json.loads(out.read_text())["checkpoint_above"] is None
 
 
-def test_next_command_fits_the_time_budget_or_a_partial_epoch(tasks_dir):
+def _rows(epoch_seconds: float, batches: int, time_budget: float | None = None, **more):
+    import run_budget
+    costs = run_budget.RunCosts(startup_seconds=30, epoch_seconds=epoch_seconds, batches_per_epoch=batches,
+                                eval_pass_seconds=more.get("eval", 60.0), checkpoint_seconds=3, final_save_seconds=2,
+                                expected_error=0.05)
+    return run_budget.recommendations(costs, run_budget.Schedule(batches), time_budget_seconds=time_budget)
+
+
+def test_next_command_is_the_time_budget_row(tasks_dir):
+    from throughput_report import speed_tier
     args = mt.parse_args(_tiny(tasks_dir, "--time-budget", "2h", "--json", "r.json"))
-    from throughput_report import recommendations, speed_tier
-    command, why = mt.next_command(args, recommendations(1500.0, 3232), 1500.0, 3232, speed_tier(1500.0))
-    assert command.startswith("python trainloop_gpu_finetuned.py --epochs 4 ")
+    command, why = mt.next_command(args, _rows(1500.0, 3232, 7200), speed_tier(1500.0), launcher=[".venv/bin/python"])
+    # 4 epochs of training alone (1.67 h) fit 2 h; with evaluation, saves and start-up (1.76 h) + 5%, still 4
+    assert command.startswith(".venv/bin/python trainloop_gpu_finetuned.py --epochs 4 ")
+    assert "fits --time-budget 2h: 2 hours -> 4 epochs (~1.76 h: training 1.67 h, evaluation 0.07 h" in why
     assert "--epochs auto --time-budget 2h --throughput-json r.json" in why
     args = mt.parse_args(_tiny(tasks_dir, "--time-budget", "30m"))
-    command, _ = mt.next_command(args, [], 3 * 3600.0, 1000, speed_tier(3 * 3600.0))
-    assert "--epochs 1 --max-batches 166 " in command
+    command, _ = mt.next_command(args, _rows(3 * 3600.0, 1000, 1800), speed_tier(3 * 3600.0))
+    assert "--epochs 1 --max-batches 149 " in command   # (1800 / 1.05 - 95 s of the rest) / 10.8 s per batch
+    args = mt.parse_args(_tiny(tasks_dir, "--time-budget", "1m"))
+    command, why = mt.next_command(args, _rows(3 * 3600.0, 1000, 60), speed_tier(3 * 3600.0))
+    assert command == "" and "too short: the smallest run needs" in why
+
+
+def test_without_a_budget_the_next_command_says_which_row_and_why(tasks_dir):
+    from throughput_report import speed_tier
+    args = mt.parse_args(_tiny(tasks_dir))
+    command, why = mt.next_command(args, _rows(3 * 3600.0, 1000), speed_tier(3 * 3600.0))
+    assert " --epochs 1 " in command and "--max-batches" not in command
+    assert why.startswith("the shortest budget in the table that trains a whole epoch: 4 hours -> 1 epoch")
+    assert "pass --time-budget" in why
+    command, why = mt.next_command(args, _rows(20 * 3600.0, 1000), speed_tier(20 * 3600.0))
+    assert "--max-batches" in command and why.startswith("the longest budget in the table (none of them holds")
+
+
+def test_the_next_command_runs_the_python_that_ran_the_benchmark(monkeypatch, tmp_path):
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    assert mt.python_launcher(["python"]) == [os.path.join(".venv", "bin", "python")]
+    assert mt.python_launcher(["torchrun", "--nproc_per_node", "2"]) == ["torchrun", "--nproc_per_node", "2"]
+    monkeypatch.setattr(sys, "executable", "/opt/elsewhere/bin/python3.11")
+    assert mt.python_launcher(["python"]) == ["/opt/elsewhere/bin/python3.11"]
 
 
 def test_next_command_fine_tunes_the_pretrained_model_after_a_random_init_benchmark(tasks_dir):
     from throughput_report import speed_tier
     args = mt.parse_args(["--random-init", "--model-name", "Qwen/Qwen2.5-0.5B", "--device", "cpu",
                           "--data", str(tasks_dir), "--max-length", "1024"])
-    command, why = mt.next_command(args, [], 600.0, 1000, speed_tier(600.0))
+    command, why = mt.next_command(args, _rows(600.0, 1000), speed_tier(600.0))
     assert "--random-init" not in command
     assert "--model-name Qwen/Qwen2.5-0.5B" in command and "--max-length 1024" in command
     assert "trains the pretrained Qwen/Qwen2.5-0.5B" in why

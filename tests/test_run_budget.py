@@ -197,17 +197,18 @@ def test_a_budget_shorter_than_startup_plus_one_evaluation_is_refused_with_the_m
 
 
 def test_unit_less_budgets_are_refused():
-    assert rb.parse_budget("2h") == 7200 and rb.parse_budget("90m") == 5400 and rb.parse_budget("45s") == 45
-    assert rb.parse_budget("1.5 hours") == 5400 and rb.parse_budget("1d") == 86400
-    with pytest.raises(ValueError, match="no unit: write 2h, 2m or 2s"):
-        rb.parse_budget("2")
-    with pytest.raises(ValueError, match="no unit"):
-        rb.parse_budget(" 3600 ")
+    from cli_common import parse_duration   # the one duration parser (run_budget has none of its own)
+    assert parse_duration("2h") == 7200 and parse_duration("90m") == 5400 and parse_duration("45s") == 45
+    assert parse_duration("1.5 hours") == 5400 and parse_duration("1d") == 86400
+    with pytest.raises(ValueError, match="needs a unit: write e.g. 2s, 2m or 2h"):
+        parse_duration("2")
+    with pytest.raises(ValueError, match="needs a unit"):
+        parse_duration(" 3600 ")
     for bad in ("two hours", "2x", "-1h", ""):
         with pytest.raises(ValueError):
-            rb.parse_budget(bad)
+            parse_duration(bad)
     with pytest.raises(ValueError, match="greater than zero"):
-        rb.parse_budget("0m")
+        parse_duration("0m")
 
 
 def test_the_printed_line():

@@ -68,6 +68,35 @@ def test_evaluation_pass_is_the_batches_evaluate_decodes(tiny, monkeypatch):
         assert [b.attempt for b in planned] == ([1] * 4 if attempts == 1 else [1, 2] * 4)
 
 
+def test_views_are_planned_with_their_real_prompts_and_prediction_per_task(tiny, monkeypatch):
+    """--eval-views K: each call holds batch_size // K inputs with all K views (the real, augmented prompts evaluate
+    decodes); prediction (evaluation.py --submission) is one call per task, all its inputs' views together."""
+    tasks = [_task(f"t{i}", 1 + i % 4, tests=1 + i % 2, seed=i) for i in range(6)]
+    seen = []
+
+    def record(model, prompts, max_new_tokens, precision, should_stop=None):
+        seen.append([p.clone() for p in prompts])
+        return [None] * len(prompts)
+
+    monkeypatch.setattr(evaluation, "generate_grids", record)
+    evaluation.evaluate(tiny, tasks, max_length=4096, precision=FP32, device=torch.device("cpu"), batch_size=8,
+                        views=4)
+    planned = run_costs.evaluation_pass(tasks, 4096, 8, views=4)
+    assert len(planned) == len(seen) == 5 and [b.inputs for b in planned] == [2, 2, 2, 2, 1]
+    for batch, prompts in zip(planned, seen):
+        assert len(batch.prompts) == len(prompts) == 4 * batch.inputs
+        assert all(torch.equal(a, b) for a, b in zip(batch.prompts, prompts))
+    square = [_task("sq", 3, seed=1)]                          # a 3x4 answer: rotated views write 4 rows of 3
+    answers = run_costs.evaluation_pass(square, 4096, 8, views=8)[0].answers
+    assert set(answers) == {3 * 5 + 1, 4 * 4 + 1}
+    prediction = run_costs.prediction_pass(tasks, 4096, views=2)
+    assert [b.rows for b in prediction] == [2 * len(t.test) for t in tasks]
+    model = run_costs.EvalCostModel(0.01, 1e-5, 1e-3, 0.0)
+    assert run_costs.scoring_seconds(prediction, model) == pytest.approx(
+        sum(0.01 + 1e-5 * (b.prompt_tokens + b.generated_tokens) for b in prediction))
+    assert run_costs.scoring_seconds(run_costs.evaluation_pass(tasks, 4096, 8), model) == 0.0   # one view: none
+
+
 def _fake_batch(rows: int, prompt: int, answer: int) -> run_costs.EvalBatch:
     return run_costs.EvalBatch(1, tuple(torch.zeros(prompt, dtype=torch.long) for _ in range(rows)),
                                tuple([answer] * rows))

@@ -142,3 +142,27 @@ def test_plot_shows_a_single_point_and_no_voted_curve_for_one_view(monkeypatch, 
     loss_axes, eval_axes = drawn(monkeypatch, lines, tmp_path).axes[:2]
     assert loss_axes.lines[0].get_marker() not in (None, "None", "") and list(loss_axes.lines[0].get_xdata()) == [7]
     assert not [line for line in eval_axes.lines if "voted" in line.get_label()]
+
+
+def test_the_eta_leaves_one_off_steps_out():
+    """Epoch 0's first steps (allocator growth, kernel selection) and a later one-off step (a new shape's first
+    allocation) are not steady steps: the fit, and so the next-epoch ETA, leaves them out."""
+    model = run_monitor.StepTimeModel()
+    for i in range(200):
+        seconds = 0.5 if i < 5 else 0.01   # the first 5 steps 50x slower, as on the tiny CPU model
+        model.add(100, 3.0 if i == 100 else seconds)
+    assert model.predict(100, 100 * 100) == pytest.approx(1.0, rel=1e-6) and model.left_out == 1
+
+
+def test_slowdown_advice_names_the_tools_of_the_device():
+    shape = throughput_report.BatchShape(1, 1000, 1000)
+    for device, tool, absent in (("cpu", "check top", "nvidia-smi"), ("cuda", "check nvidia-smi", "top")):
+        model = throughput_report.CostModel("linear", (5.0, 0.0))
+        timing, monitor, warnings = run_monitor.StepTimeModel(), run_monitor.SlowdownMonitor(model, device), []
+        for i in range(300):
+            seconds = (0.005 if i < 150 else 0.02)
+            timing.add(1000, seconds)
+            monitor.add(1000, shape, seconds, timing)
+            if i % 25 == 0:
+                warnings += monitor.check()
+        assert len(warnings) == 2 and all(tool in w and absent not in w for w in warnings)

@@ -14,17 +14,35 @@ from errors import UserError
 from result_examples import example_result
 
 
-def test_epochs_from_benchmark_rules():
+def test_epochs_from_benchmark_takes_the_whole_run_row_and_plans_other_budgets():
+    import run_budget
     current = {"device": "T4", "batch_size": 1}
+    listed = Recommendation(budget_hours=2.0, epochs=4, total_hours=1.9, fits_epochs=4, capped=False, max_batches=None,
+                            planned_seconds=6840.0, margin=0.05, source="--time-budget",
+                            breakdown={"startup": 5.0, "training": 6745.6, "evaluation": 80.0, "checkpoints": 9.4},
+                            counts={"batches": 12928, "optimizer_steps": 12928, "evaluations": 4, "checkpoints": 16,
+                                    "final_saves": 1, "plots": 5})
     result = example_result(settings=dict(current), batches_per_epoch=3232, epoch_seconds=1686.4, max_useful_epochs=10,
-                            recommendations=(Recommendation(budget_hours=2.0, epochs=4, total_hours=1.87,
-                                                            fits_epochs=4, capped=False, max_batches=None),))
-    assert run_plan.epochs_from_benchmark(result, "r.json", 7200, current, 3232)[:2] == (4, None)
-    assert run_plan.epochs_from_benchmark(result, "r.json", 3 * 3600, current, 3232)[:2] == (6, None)  # not listed
-    epochs, max_batches, why = run_plan.epochs_from_benchmark(result, "r.json", 900, current, 3232)
-    assert epochs == 1 and max_batches == 1724 and "a whole epoch does not fit" in why  # 15 min of a 28 min epoch
+                            recommendations=(listed,))
+    epochs, max_batches, why, plan, margin = run_plan.epochs_from_benchmark(result, "r.json", 7200, current, 3232)
+    assert (epochs, max_batches, margin) == (4, None, 0.05)
+    assert plan.planned_seconds == pytest.approx(6840.0) and plan.breakdown["evaluation"] == 80.0  # the row, as is
+    assert "training" in why and "5% margin" in why
+    # a budget without a row: planned the same way (start-up, 1.5 s of saves per epoch, 5% margin, the reserve)
+    epochs, _, _, plan, _ = run_plan.epochs_from_benchmark(result, "r.json", 3 * 3600, current, 3232)
+    assert epochs == 6 and plan.planned_seconds * 1.05 < 3 * 3600
+    epochs, max_batches, why, plan, _ = run_plan.epochs_from_benchmark(result, "r.json", 900, current, 3232)
+    assert epochs == 1 and 1500 < max_batches < 1650 and "a whole epoch does not fit" in why
+    assert plan.breakdown["startup"] == 5.0 and plan.planned_seconds * 1.05 <= 900
     with pytest.raises(UserError, match="batches per epoch: benchmark 3232, this run 100"):
         run_plan.epochs_from_benchmark(result, "r.json", 7200, current, 100)
+    with pytest.raises(UserError, match="shorter than the smallest run.*give at least --time-budget"):
+        run_plan.epochs_from_benchmark(result, "r.json", 6, current, 3232)
+    other = run_plan.benchmark_result.Schedule(eval_tasks=100, eval_data=None, eval_every=0, eval_batch_size=8,
+                                               eval_attempts=1, eval_views=1, save_every=1000, grad_accum=1)
+    with pytest.raises(UserError, match="--eval-tasks: benchmark 0, this run 100"):
+        run_plan.epochs_from_benchmark(result, "r.json", 7200, current, 3232, other)
+    assert run_budget.PARTS == tuple(plan.breakdown)
 
 
 def test_benchmark_cost_model_from_the_result():

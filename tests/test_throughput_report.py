@@ -64,14 +64,21 @@ def test_recommendation_floor_exact_boundary_and_partial_epoch():
     assert capped.epochs == 3 and capped.capped and capped.total_hours == pytest.approx(3 / 60)
 
 
-def test_recommendation_table_text_marks_caps_and_partial_epochs():
-    rows = recommendations(1000.0, 100, budgets_hours=(0.1, 1, 12))
-    text = "\n".join(format_recommendations(rows, 10))
-    assert "RECOMMENDED EPOCH COUNTS" in text
-    assert "6 minutes        -> part of an epoch: --epochs 1 --max-batches 36" in text
-    assert "1 hour           -> 3 epochs (~0.83 hours)" in text
-    assert "12 hours         -> 10 epochs (~2.78 hours)  * 43 fit" in text
-    assert "capped at 10 epochs" in text
+def test_recommendation_table_text_prints_the_whole_run_breakdown():
+    import run_budget
+    from benchmark_result import Recommendation
+    costs = run_budget.RunCosts(startup_seconds=20, epoch_seconds=1000.0, batches_per_epoch=100, eval_pass_seconds=50,
+                                checkpoint_seconds=2, final_save_seconds=1, expected_error=0.08)
+    rows = run_budget.recommendations(costs, run_budget.Schedule(100), budgets_hours=(0.1, 1, 12),
+                                      time_budget_seconds=1800)
+    text = "\n".join(format_recommendations([Recommendation(**r.as_json()) for r in rows], 10))
+    assert "RECOMMENDED EPOCH COUNTS" in text and "the whole run" in text
+    # 6 minutes: 26 batches of 10 s + 20 s start-up + 50 s evaluation + 3 s of saves = 333 s, x 1.08 <= 360 s
+    assert "6 minutes        -> part of an epoch: --epochs 1 --max-batches 26 (~5.5 min: training 4.3 min" in text
+    assert "1 hour           -> 3 epochs (~0.88 h: training 0.83 h, evaluation 0.04 h, checkpoints 0.00 h" in text
+    assert "8% margin" in text
+    assert "12 hours         -> 10 epochs" in text and "* 38 fit" in text and "capped at 10 epochs" in text
+    assert "30 minutes       -> 1 epoch" in text and text.rstrip().splitlines()[-2].endswith("<- --time-budget")
 
 
 def test_cost_model_recovers_quadratic_and_beats_mean_on_skewed_lengths():

@@ -8,6 +8,8 @@ solved exactly.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -195,15 +197,20 @@ def test_time_budget_stops_with_checkpoint_and_model_before_it_runs_out(tmp_path
 # ------------------------------------------------------------------------------------ --epochs auto
 
 def _benchmark(tmp_path: Path, argv: list[str], batches: int, **changes) -> Path:
+    """A benchmark result for this run's settings and schedule: 600 s epochs, 1 s saves, no evaluation, and its
+    30-minute row planned by run_budget (2 epochs fit: 2 x 600 s + start-up and saves, x 1.05 margin)."""
+    import run_budget
     args, _ = trainloop.parse_args(argv)
     settings = speed_settings(args, training.describe_device(torch.device("cpu")), "fp32")
     settings.update(changes)
+    schedule = run_plan.schedule_record(args, run_plan.EvalPlan((), None, 0, 1, 8, 0))
     result = example_result(
         settings=settings, device=DeviceInfo(type="cpu", name=settings["device"], precision="fp32"),
         per_batch_ms=MsStats(10.0, 10.0, 10.0, 10.0, 0.0, 10.0), tokens_per_second=1000.0, peak_memory_bytes=0,
-        batches_per_epoch=batches, epoch_seconds=600.0, max_useful_epochs=10, tier="fast",
-        recommendations=(Recommendation(budget_hours=0.5, epochs=3, total_hours=0.5, fits_epochs=3, capped=False,
-                                        max_batches=None),))
+        batches_per_epoch=batches, epoch_seconds=600.0, max_useful_epochs=10, tier="fast", schedule=schedule)
+    rows = run_budget.recommendations(run_plan.run_costs_of(result), run_plan.budget_schedule(result), (0.5,),
+                                      run_plan.budget_policy(result))
+    result = dataclasses.replace(result, recommendations=tuple(Recommendation(**r.as_json()) for r in rows))
     path = tmp_path / "results.json"
     result.write(path)
     return path
@@ -214,12 +221,15 @@ def test_epochs_auto_takes_the_benchmark_recommendation(tmp_path, capsys):
     argv += ["--throughput-json", str(_benchmark(tmp_path, argv, batches=12))]
     assert run_main(argv) == 0
     out = capsys.readouterr().out
-    assert "--epochs auto: 3 epochs in 30 minutes" in out
-    assert len(records(tmp_path / "run", "epoch")) == 3
+    assert "--epochs auto: 2 epochs in 30 minutes (~0.34 h: training 0.33 h, no evaluation" in out
+    assert len(records(tmp_path / "run", "epoch")) == 2
+    run_line = records(tmp_path / "run")[-1]   # metrics.jsonl ends with the run's time, planned beside measured
+    assert run_line["kind"] == "run" and run_line["plan"]["counts"]["evaluations"] == 0
+    assert "planned against measured:" in out and "whole run" in out
 
 
 def test_the_checkpoint_records_the_plan_and_a_resume_reads_it_back(tmp_path, capsys):
-    """--epochs auto stays 'auto' in the run's flags; the plan it resolved to (3 epochs of 2 batches) is what
+    """--epochs auto stays 'auto' in the run's flags; the plan it resolved to (2 epochs of 2 batches) is what
     the checkpoint records and what a resume continues."""
     argv = tiny_args(tmp_path, "run", "--epochs", "auto", "--time-budget", "30m", "--max-batches", "2")
     argv += ["--throughput-json", str(_benchmark(tmp_path, argv, batches=12))]
@@ -227,12 +237,12 @@ def test_the_checkpoint_records_the_plan_and_a_resume_reads_it_back(tmp_path, ca
     first = checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")[0]
     meta = checkpointing.read_meta(first)
     assert meta["args"]["epochs"] == "auto" and meta["args"]["time_budget"] == 1800.0
-    assert meta["plan"] == {"epochs": 3, "max_batches": 2, "epoch_batches": [2, 2, 2], "total_steps": 6,
+    assert meta["plan"] == {"epochs": 2, "max_batches": 2, "epoch_batches": [2, 2], "total_steps": 4,
                             "output_dir": str(tmp_path / "run")}
-    assert trainloop.resumed_settings(meta)["epochs"] == 3
+    assert trainloop.resumed_settings(meta)["epochs"] == 2
     (tmp_path / "results.json").unlink()   # the resume needs neither the benchmark nor --epochs auto again
     assert run_main(["--resume", str(first), "--model-name", "tiny", "--output-dir", str(tmp_path / "again")]) == 0
-    assert [r["epoch"] for r in records(tmp_path / "again", "epoch")] == [0, 1, 2]
+    assert [r["epoch"] for r in records(tmp_path / "again", "epoch")] == [0, 1]
     capsys.readouterr()
 
 
@@ -312,7 +322,7 @@ def test_non_finite_loss_stops_without_saving_the_broken_weights(tmp_path, capsy
     assert "the loss became non-finite (NaN/inf) in fp32" in out.out
     assert out.err.strip().splitlines()[-1].startswith("error: Stopped at step")
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
-    assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "run"))
+    assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "run") if r["kind"] != "run")  # the run line: times
 
 
 def test_out_of_memory_is_one_clear_error(tmp_path, monkeypatch):
