@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{base['dev_trace'][-1]['dev_greedy']:.2f}", file=sys.stderr, flush=True)
         out: dict[str, Any] = {"base": base}
         if chosen is None:
+            out["dev_before"] = asdict(scores(*evaluations(model, dev, args.views, seed)))
             chosen, out["tuning"] = tune(model, dev, args.grid, args.views, seed)
             print(f"  chosen on dev: {chosen[0]} steps, lr {chosen[1]:g}", file=sys.stderr, flush=True)
         steps, lr = chosen
