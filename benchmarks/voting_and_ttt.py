@@ -28,7 +28,7 @@ The measurement (one command, both seeds, settings fixed before the test set is 
    Each row: greedy pass@1 (view 0), pass@2 greedy + second view (evaluate(..., attempts=2)), 8-view voted
    pass@2 (evaluate(..., views=8)); seconds per task for each evaluation and for the TTT itself.
 
-CPU (1 thread; about 6 minutes for two seeds on an idle core, several times that on a busy machine; the load
+CPU (1 thread; about 12 minutes for three seeds on an idle core, several times that on a busy machine; the load
 average is printed and written):
 
     python benchmarks/voting_and_ttt.py --json voting_ttt.json
@@ -61,6 +61,7 @@ from training import FP32, TrainStep, build_optimizer, build_scheduler  # noqa: 
 EVAL_MAX_LENGTH = 2048
 COLOUR_RULES = ("query", "task", "background")
 CPU = torch.device("cpu")
+DEFAULT_GRID = "8:1e-3,32:3e-4,32:1e-3,32:3e-3,96:3e-4,96:1e-3,192:1e-3"
 
 
 def fill_tasks(n: int, seed: int, train_pairs: Sequence[int] = (3,), size: int = 3) -> list[Task]:
@@ -122,6 +123,7 @@ class Scores:
     malformed: int
     eval_seconds_per_task: float      # both evaluations together
     ttt_seconds_per_task: float = 0.0
+    solved_voted: tuple[str, ...] = ()   # ids of the tasks the voted pass@2 solves (paired comparisons)
 
 
 def evaluations(model: torch.nn.Module, tasks: list[Task], views: int, seed: int) -> tuple[EvalResult, EvalResult]:
@@ -135,7 +137,8 @@ def scores(greedy: EvalResult, voted: EvalResult, ttt_seconds: float = 0.0) -> S
     n = max(1, greedy.num_tasks)
     return Scores(round(greedy.first_attempt_accuracy, 4), round(greedy.accuracy, 4), round(voted.voted_accuracy, 4),
                   voted.views, greedy.num_tasks, greedy.malformed + voted.malformed,
-                  round((greedy.seconds + voted.seconds) / n, 4), round(ttt_seconds / n, 4))
+                  round((greedy.seconds + voted.seconds) / n, 4), round(ttt_seconds / n, 4),
+                  tuple(sorted(t for t, ok in voted.solved_voted.items() if ok)))
 
 
 def per_task_training(model: torch.nn.Module, tasks: list[Task], sources: list[Task], steps: int, lr: float,
@@ -207,15 +210,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dev-tasks", type=int, default=40,
                         help="DEV tasks: decide when base training stops and tune TTT (default 40)")
     parser.add_argument("--test-tasks", type=int, default=60, help="TEST tasks: the reported ones (default 60)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default 0 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     parser.add_argument("--max-steps", type=int, default=4000, help="base training steps at most (default 4000)")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between dev evaluations (default 25)")
     parser.add_argument("--target", type=float, default=0.5,
                         help="stop base training once dev greedy accuracy reaches this (default 0.5)")
     parser.add_argument("--views", type=int, default=8, help="views for the voted evaluation (default 8)")
-    parser.add_argument("--grid", type=parse_grid, default=parse_grid("8:1e-3,32:3e-4,32:1e-3,32:3e-3,96:1e-3"),
-                        help="TTT settings tried on the dev tasks, steps:lr,... (default 8:1e-3,32:3e-4,32:1e-3,"
-                             "32:3e-3,96:1e-3)")
+    parser.add_argument("--grid", type=parse_grid, default=parse_grid(DEFAULT_GRID),
+                        help=f"TTT settings tried on the dev tasks, steps:lr,... (default {DEFAULT_GRID})")
     parser.add_argument("--ttt-steps", type=int, default=None, help="fix the TTT steps (skips tuning; with --ttt-lr)")
     parser.add_argument("--ttt-lr", type=float, default=None, help="fix the TTT learning rate (with --ttt-steps)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -269,12 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     report["cpu_threads"] = torch.get_num_threads()
     print(f"TEST tasks: {args.test_tasks} per seed; TTT {chosen[0]} steps, lr {chosen[1]:g}; load average {loads}")
     print(f"{'seed  model':<18} {'pass@1 greedy':>14} {'pass@2 g+view':>14} {'pass@2 voted':>13} "
-          f"{'eval s/task':>12} {'TTT s/task':>11}")
+          f"{'eval s/task':>12} {'TTT s/task':>11} {'voted +/- vs before':>20}")
     for seed, out in report["seeds"].items():
         for stage in STAGES:
             r = out[stage]
+            now, then = set(r["solved_voted"]), set(out["before"]["solved_voted"])
             print(f"{seed:<5} {stage:<12} {r['greedy_pass1']:>14.3f} {r['greedy_view_pass2']:>14.3f} "
-                  f"{r['voted_pass2']:>13.3f} {r['eval_seconds_per_task']:>12.4f} {r['ttt_seconds_per_task']:>11.4f}")
+                  f"{r['voted_pass2']:>13.3f} {r['eval_seconds_per_task']:>12.4f} {r['ttt_seconds_per_task']:>11.4f} "
+                  f"{f'+{len(now - then)} -{len(then - now)}':>20}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
