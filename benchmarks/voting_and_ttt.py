@@ -24,7 +24,9 @@ The measurement (one command, both seeds, settings fixed before the test set is 
                colour permutation keeping 0, demonstration order, new draw each epoch); its test output is
                never seen;
    control     the same, but each copy trains on another (training-set) task's train pairs: the same steps,
-               lr and augmentation, so what TTT adds beyond "more training" is the task's own demonstrations.
+               lr and augmentation, so what TTT adds beyond "more training" is the task's own demonstrations;
+   more_training  one copy trained as many steps (same lr, batch 8) on the whole training set, then evaluated
+               on all test tasks: whether the base model simply had not finished learning the family.
    Each row: greedy pass@1 (view 0), pass@2 greedy + second view (evaluate(..., attempts=2)), 8-view voted
    pass@2 (evaluate(..., views=8)); seconds per task for each evaluation and for the TTT itself.
 
@@ -234,7 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-STAGES = ("before", "ttt", "control")
+STAGES = ("before", "ttt", "control", "more_training")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         out["ttt"] = asdict(per_task_training(model, test, test, steps, lr, args.views, seed))
         out["control"] = asdict(per_task_training(model, test, train_tasks[:len(test)], steps, lr, args.views,
                                                   seed))
+        more = copy.deepcopy(model)
+        more_seconds = train(more, train_tasks, steps, lr, seed + 1, warmup=0)[1]
+        out["more_training"] = asdict(scores(*evaluations(more, test, args.views, seed), ttt_seconds=more_seconds))
         report["seeds"][str(seed)] = out
     loads["end"] = load_average()
     report["load_average_1_5_15min"] = loads
