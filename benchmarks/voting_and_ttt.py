@@ -30,7 +30,7 @@ The measurement (one command, both seeds, settings fixed before the test set is 
    Each row: greedy pass@1 (view 0), pass@2 greedy + second view (evaluate(..., attempts=2)), 8-view voted
    pass@2 (evaluate(..., views=8)); seconds per task for each evaluation and for the TTT itself.
 
-CPU (1 thread; about 12 minutes for three seeds on an idle core, several times that on a busy machine; the load
+CPU (1 thread; measured 12 minutes wall for three seeds at load average 3-4.5 on the 2-core machine; the load
 average is printed and written):
 
     python benchmarks/voting_and_ttt.py --json voting_ttt.json
