@@ -125,6 +125,7 @@ class Scores:
     malformed: int
     eval_seconds_per_task: float      # both evaluations together
     ttt_seconds_per_task: float = 0.0
+    scoring_share: float = 0.0           # of the voted evaluation's seconds, spent scoring candidates (evaluation.py)
     solved_voted: tuple[str, ...] = ()   # ids of the tasks the voted pass@2 solves (paired comparisons)
 
 
@@ -140,6 +141,7 @@ def scores(greedy: EvalResult, voted: EvalResult, ttt_seconds: float = 0.0) -> S
     return Scores(round(greedy.first_attempt_accuracy, 4), round(greedy.accuracy, 4), round(voted.voted_accuracy, 4),
                   voted.views, greedy.num_tasks, greedy.malformed + voted.malformed,
                   round((greedy.seconds + voted.seconds) / n, 4), round(ttt_seconds / n, 4),
+                  round(voted.scoring_seconds / voted.seconds, 3) if voted.seconds else 0.0,
                   tuple(sorted(t for t, ok in voted.solved_voted.items() if ok)))
 
 

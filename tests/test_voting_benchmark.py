@@ -76,6 +76,7 @@ def test_benchmark_tunes_on_dev_and_reports_before_ttt_and_control(tmp_path, cap
             r = out_seed[stage]
             assert r["tasks"] == 3 and r["views"] == 3
             assert 0 <= r["greedy_pass1"] <= r["greedy_view_pass2"] <= 1 and 0 <= r["voted_pass2"] <= 1
-            assert r["eval_seconds_per_task"] > 0 and len(r["solved_voted"]) == round(r["voted_pass2"] * 3)
+            assert 0 <= r["scoring_share"] <= 1 and r["eval_seconds_per_task"] > 0
+            assert len(r["solved_voted"]) == round(r["voted_pass2"] * 3)
         assert out_seed["before"]["ttt_seconds_per_task"] == 0 and out_seed["ttt"]["ttt_seconds_per_task"] > 0
     assert "load_average_1_5_15min" in report and "pass@2 voted" in capsys.readouterr().out
