@@ -25,7 +25,7 @@ whose ETA comes from the tokens still to go (sample lengths vary ~100x, so count
 evaluates exact-match accuracy on held-out test inputs (greedy decoding; pass@2 with --eval-attempts 2;
 with --eval-views K also the pass@2 voted over K augmented views, the ARC winners' way),
 appends to metrics.jsonl (and with --report-to tensorboard to event files in <output-dir>/tensorboard/),
-checkpoints atomically, and redraws training_curves.png. At the end it saves the
+checkpoints atomically, and redraws training_curves.png (at most once a minute). At the end it saves the
 final model (model.save_model) and prints where everything is.
 
 Stopping: Ctrl-C or SIGTERM finishes the current batch, saves a checkpoint, prints the resume command and
@@ -79,7 +79,7 @@ from distributed import DistributedContext
 from errors import EXIT_INTERRUPTED, UserError, printable, run_cli
 from evaluation import EvalResult, evaluate, merge_results
 from model import count_parameters, save_model
-from run_budget import MeasuredRun, format_comparison, format_plan, run_record
+from run_budget import PLOT_EVERY_SECONDS, MeasuredRun, format_comparison, format_plan, run_record
 from run_monitor import (REPORT_TO, EpochBar, MetricsLog, SlowdownMonitor, StepTimeModel, clock, plot_metrics,
                          report_to_problems)
 from run_plan import (METRICS_FILE, MODEL_DIR, PLAN_FIELDS, RUNS_DIR, RunPlan, benchmark_cost_model, make_plan,
@@ -535,6 +535,7 @@ class TrainLoop:
         self.epoch_loss = torch.tensor(state.epoch_loss_sum, dtype=torch.float32, device=self.device)
         self.timed_steps = 0
         self.spent = MeasuredRun()        # seconds per part of the run, for the end-of-run comparison
+        self.last_plot = time.monotonic()  # the plot is redrawn PLOT_EVERY_SECONDS apart (and at the end)
         self.first_step_at: float | None = None   # time.monotonic() when the first step began
         self.tick = time.perf_counter()
         self.pause_depth = 0
@@ -746,7 +747,8 @@ class TrainLoop:
         loop.epoch_samples = []
         self.epoch_loss.zero_()
         self.save("epoch")
-        self.plot()
+        if time.monotonic() - self.last_plot >= PLOT_EVERY_SECONDS:
+            self.plot()
         reason = self.stops.agreed_stop(self.stop, loop.step, force=True)
         if reason == "interrupted":
             return reason
@@ -826,6 +828,7 @@ class TrainLoop:
                 plot_metrics(self.metrics.records(), self.plan.plot_path)
                 self.spent.checkpoints += time.perf_counter() - start
                 self.spent.counts["plots"] = self.spent.counts.get("plots", 0) + 1
+            self.last_plot = time.monotonic()
 
     def save_final_model(self, outcome: str) -> Path | None:
         """The final model with the settings that produced it (rank 0 writes; the others wait)."""

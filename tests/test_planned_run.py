@@ -51,7 +51,7 @@ def test_a_planned_run_trains_every_planned_epoch_inside_its_budget(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     run = lines[-1]
     assert run["kind"] == "run" and [line["kind"] for line in lines].count("run") == 1
-    assert "Training finished" in train.stdout and "Stopped for the time budget" not in train.stdout
+    assert "Training finished" in train.stdout and "Stopped for the time budget" not in train.stdout, train.stdout[-1500:]
     assert len([line for line in lines if line["kind"] == "epoch"]) == row["epochs"]   # every planned epoch
     assert run["run_seconds"] < budget
     assert run["plan"]["planned_seconds"] == pytest.approx(row["planned_seconds"], abs=1e-3)

@@ -1,0 +1,79 @@
+"""Does the run land on its plan? The benchmark plans a whole run for a budget, the trainer runs it with --epochs
+auto, and this prints planned against measured (whole run and each part), the epochs trained, and whether the
+budget stop fired.
+
+Evaluation is a real share of the run here (--eval-tasks 100). The plan decodes each evaluation answer to its
+known length, as a trained model writes it; an untrained model stops elsewhere. So the run fine-tunes a tiny
+model that has already learnt the task family (pre-trained first, ~20 s), whose answers have the right length.
+
+    .venv/bin/python benchmarks/plan_vs_run.py --budgets 2m 4m        # ~8 min on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_trainloop import write_tasks  # noqa: E402  (the recolouring family on fixed 3x3 grids)
+
+
+def run(script: str, *flags: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=cwd, env=env, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{script} failed ({out.returncode}): {out.stderr[-1500:]}")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", nargs="+", default=["2m", "4m"])
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="plan-vs-run-"))
+    pretrain = work / "pretrain.json"
+    pretrain.write_text(json.dumps({**json.loads(write_tasks(work / "a.json", 6000, 1, seed=1).read_text()),
+                                    **json.loads(write_tasks(work / "b.json", 4000, 2, seed=3).read_text())}))
+    run("trainloop_gpu_finetuned.py", "--model-name", "tiny", "--device", "cpu", "--data", str(pretrain),
+        "--epochs", "1", "--max-batches", "1500", "--batch-size", "8", "--no-augment", "--lr", "3e-3",
+        "--warmup-steps", "50", "--eval-tasks", "0", "--output-dir", str(work / "base"), cwd=work)
+    data = write_tasks(work / "tasks.json", 300, 2, seed=5)
+    held_out = write_tasks(work / "held_out.json", 100, 1, seed=2)
+    settings = ["--model-name", str(work / "base" / "model"), "--device", "cpu", "--data", str(data),
+                "--batch-size", "8", "--eval-data", str(held_out), "--eval-tasks", "100", "--save-every", "0"]
+    load = os.getloadavg()[0]
+    for budget in args.budgets:
+        result = work / f"bench-{budget}.json"
+        run("measure_throughput.py", *settings, "--num-batches", "60", "--time-budget", budget,
+            "--max-useful-epochs", "1000", "--json", str(result), cwd=work)
+        row = next(r for r in json.loads(result.read_text())["recommendations"] if r["source"] == "--time-budget")
+        folder = work / f"run-{budget}"
+        out = run("trainloop_gpu_finetuned.py", *settings, "--epochs", "auto", "--time-budget", budget,
+                  "--throughput-json", str(result), "--output-dir", str(folder), cwd=work)
+        lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        record, epochs = lines[-1], sum(line["kind"] == "epoch" for line in lines)
+        planned, measured = row["planned_seconds"], record["run_seconds"]
+        share = record["breakdown"]["evaluation"] / measured
+        print(f"--time-budget {budget}: planned {planned:.1f} s ({row['epochs']} epochs, margin "
+              f"{row['margin']:.0%}), measured {measured:.1f} s ({measured / planned - 1:+.1%}); epochs trained "
+              f"{epochs} of {row['epochs']}; budget stop: {'yes' if 'Stopped for the time budget' in out.stdout else 'no'}; "
+              f"evaluation {share:.0%} of the run")
+        for part, seconds in record["breakdown"].items():
+            plan = row["breakdown"][part]
+            print(f"    {part:<12} planned {plan:7.1f} s, measured {seconds:7.1f} s"
+                  + (f" ({seconds / plan - 1:+.1%})" if plan else ""))
+        bench = json.loads(result.read_text())["run_costs"]
+        print(f"    the benchmark's added measurements: {bench['added_share']:.1%} of its "
+              f"{bench['benchmark_seconds']:.1f} s")
+    print(f"load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
