@@ -206,7 +206,8 @@ class MetricsLog:
         if not self.enabled:
             return
         self._report_resumed_at(up_to_step)
-        kept = [r for r in read_metrics(source) if r.get("step", 0) <= up_to_step]
+        # A finished run's "kind": "run" line has no step: the resumed run writes its own at its end.
+        kept = [r for r in read_metrics(source) if r.get("kind") != "run" and r.get("step", 0) <= up_to_step]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept), what="the metrics")
 
     def close(self) -> None:

@@ -3,8 +3,10 @@ exit code, at most ONE error line (the last), warnings each on one line, no trac
 character on the terminal (a name from a file cannot forge a line or clear the screen)."""
 from __future__ import annotations
 
+import errno
+import os
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -45,3 +47,29 @@ def assert_one_line(message: str, *fragments: str) -> None:
     assert "\n" not in message and not _RAW_CONTROL.search(message), repr(message)
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+def os_error(code: int) -> OSError:
+    """The OSError a system call gives for `code` (errno.ENOSPC: a full disk)."""
+    return OSError(code, os.strerror(code))
+
+
+class HalfWriter:
+    """A file whose next write lands half its bytes, then finds the disk full."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def write(self, data: bytes) -> int:
+        self.handle.write(data[: len(data) // 2])
+        self.handle.flush()
+        raise os_error(errno.ENOSPC)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+    def __enter__(self) -> "HalfWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.close()

@@ -35,7 +35,7 @@ import evaluation
 import measure_throughput
 import run_lock
 import trainloop_gpu_finetuned as trainloop
-from adversarial import assert_clean, run_in_process
+from adversarial import HalfWriter, assert_clean, os_error, run_in_process
 from result_examples import example_result
 from test_trainloop import tiny_args, write_tasks
 
@@ -46,10 +46,6 @@ SAFETENSORS_FULL = ('Error while serializing: IoError(Os { code: 28, kind: Stora
                     'on device" })')
 RUN_ARGS = ("--epochs", "1", "--max-batches", "4", "--save-every", "2", "--keep-checkpoints", "5")
 LOOP_TYPES = typing.get_type_hints(trainloop.LoopState)
-
-
-def os_error(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
 
 
 @pytest.fixture(autouse=True)
@@ -153,27 +149,6 @@ def test_disk_full_during_a_mid_run_checkpoint(fault: str, tmp_path: Path, capsy
     if fault in ("enospc", "edquot", "torch_enospc_text"):
         assert " MB needed, " in line and " MB free" in line
     assert_nothing_lost(tmp_path / "run", newest_step=2)
-
-
-class HalfWriter:
-    """A file whose next write lands half its bytes, then finds the disk full."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def write(self, data: bytes) -> int:
-        self.handle.write(data[: len(data) // 2])
-        self.handle.flush()
-        raise os_error(errno.ENOSPC)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.handle, name)
-
-    def __enter__(self) -> "HalfWriter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.close()
 
 
 @pytest.mark.parametrize("failing_line", [1, 3])

@@ -16,7 +16,7 @@ import torch
 
 import atomic_io
 import checkpointing
-from adversarial import assert_clean, assert_one_line, run_in_process
+from adversarial import HalfWriter, assert_clean, assert_one_line, os_error, run_in_process
 from atomic_io import append_line, disk_errors, give_normal_permissions, make_temp_dir, write_text_atomic
 from checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from errors import UserError
@@ -27,10 +27,6 @@ TORCH_FULL = "[enforce fail at inline_container.cc:664] . unexpected pos 1088 vs
 TORCH_WRITE_FAILED = "PytorchStreamWriter failed writing file data/0: file write failed"
 SAFETENSORS_FULL = ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
                     'on device" })')
-
-
-def os_error(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
 
 
 FAULTS: dict[str, tuple[Callable[[], BaseException], str]] = {  # the error, what the line must say
@@ -153,24 +149,6 @@ def test_metrics_line_refused_leaves_whole_lines(tmp_path: Path, monkeypatch: py
     append_line(path, json.dumps({"step": 1}))
     real_open = open
 
-    class HalfWriter:
-        """A file whose write lands half the bytes and then finds the disk full."""
-        def __init__(self, handle: Any) -> None:
-            self.handle = handle
-
-        def write(self, data: bytes) -> int:
-            self.handle.write(data[: len(data) // 2])
-            self.handle.flush()
-            raise os_error(errno.ENOSPC)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.handle, name)
-
-        def __enter__(self) -> "HalfWriter":
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            self.handle.close()
     monkeypatch.setattr("builtins.open", lambda *a, **k: HalfWriter(real_open(*a, **k)))
     with pytest.raises(UserError) as raised:
         append_line(path, json.dumps({"step": 2, "loss": 1.0}), what="the metrics")
