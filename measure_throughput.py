@@ -543,7 +543,8 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
     schedule = run_budget.Schedule(len(s.epoch_shapes), grad_accum=args.grad_accum, eval_enabled=bool(evaluation),
                                    eval_every=args.eval_every, save_every=args.save_every)
     slowest = max(timings.batch_ms) / 1000
-    policy = run_budget.BudgetPolicy(reserve_seconds=run_budget.stop_rule_reserve(costs, slowest),
+    policy = run_budget.BudgetPolicy(min_margin=run_budget.min_margin_for(s.device.type),
+                                     reserve_seconds=run_budget.stop_rule_reserve(costs, slowest),
                                      max_useful_epochs=args.max_useful_epochs)
     total = time.monotonic() - s.process_started
     info = RunCostsInfo(startup_seconds=startup, checkpoint_seconds=saves.checkpoint_seconds,

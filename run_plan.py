@@ -162,7 +162,8 @@ def budget_policy(result: BenchmarkResult) -> Any:
     import run_budget
 
     costs = run_costs_of(result)
-    return run_budget.BudgetPolicy(reserve_seconds=run_budget.stop_rule_reserve(costs, result.per_batch_ms.max / 1000),
+    return run_budget.BudgetPolicy(min_margin=run_budget.min_margin_for(result.device.type),
+                                   reserve_seconds=run_budget.stop_rule_reserve(costs, result.per_batch_ms.max / 1000),
                                    max_useful_epochs=result.max_useful_epochs)
 
 
