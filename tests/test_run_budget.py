@@ -255,6 +255,7 @@ def test_the_margin_floor_is_higher_on_a_cpu():
     assert rb.min_margin_for("cpu") == rb.CPU_MIN_MARGIN == 0.20
     assert rb.min_margin_for("cuda") == rb.MIN_MARGIN == 0.10
     costs = rb.RunCosts(10.0, 40.0, 100, 5.0, 0.5, 0.2, expected_error=0.03)
-    cpu = rb.recommend(300, costs, rb.Schedule(100, save_every=0), rb.BudgetPolicy(min_margin=rb.min_margin_for("cpu")))
-    gpu = rb.recommend(300, costs, rb.Schedule(100, save_every=0))
+    # 5 epochs plan 238 s: x 1.10 fits 280 s, x 1.20 does not
+    cpu = rb.recommend(280, costs, rb.Schedule(100, save_every=0), rb.BudgetPolicy(min_margin=rb.min_margin_for("cpu")))
+    gpu = rb.recommend(280, costs, rb.Schedule(100, save_every=0))
     assert (cpu.margin, gpu.margin) == (0.20, 0.10) and cpu.plan.epochs < gpu.plan.epochs
