@@ -73,3 +73,20 @@ class HalfWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.close()
+
+
+# What torch.save raises on a full disk (its own text, not an OSError).
+TORCH_FULL = "[enforce fail at inline_container.cc:664] . unexpected pos 1088 vs 1024"
+TORCH_WRITE_FAILED = "PytorchStreamWriter failed writing file data/0: file write failed"
+
+DISK_FAULTS: dict[str, tuple[Callable[[], BaseException], str]] = {  # the error, what the line must say
+    "enospc": (lambda: os_error(errno.ENOSPC), "no space left on device"),
+    "edquot": (lambda: os_error(errno.EDQUOT), "quota"),
+    "erofs": (lambda: os_error(errno.EROFS), "read-only file system"),
+    "eacces": (lambda: os_error(errno.EACCES), "permission denied"),
+    "eio": (lambda: os_error(errno.EIO), "input/output error"),
+    "torch_unexpected_pos": (lambda: RuntimeError(TORCH_FULL), "the write failed"),
+    "torch_write_failed": (lambda: RuntimeError(TORCH_WRITE_FAILED), "the write failed"),
+    "torch_enospc_text": (lambda: RuntimeError(f"{TORCH_WRITE_FAILED}: No space left on device"),
+                          "no space left on device"),
+}

@@ -35,13 +35,11 @@ import evaluation
 import measure_throughput
 import run_lock
 import trainloop_gpu_finetuned as trainloop
-from adversarial import HalfWriter, assert_clean, os_error, run_in_process
+from adversarial import DISK_FAULTS, HalfWriter, assert_clean, os_error, run_in_process
 from result_examples import example_result
 from test_trainloop import tiny_args, write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_FULL = "[enforce fail at inline_container.cc:664] . unexpected pos 1088 vs 1024"
-TORCH_WRITE_FAILED = "PytorchStreamWriter failed writing file data/0: file write failed"
 SAFETENSORS_FULL = ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
                     'on device" })')
 RUN_ARGS = ("--epochs", "1", "--max-batches", "4", "--save-every", "2", "--keep-checkpoints", "5")
@@ -116,15 +114,10 @@ def train_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int
 
 # ------------------------------------------------------------------------------------- disk: full disks
 
-CHECKPOINT_FAULTS: dict[str, tuple[Callable[[], BaseException], str]] = {
-    "enospc": (lambda: os_error(errno.ENOSPC), "no space left on device; "),
-    "edquot": (lambda: os_error(errno.EDQUOT), "quota"),
-    "eio": (lambda: os_error(errno.EIO), "input/output error"),
-    "torch_unexpected_pos": (lambda: RuntimeError(TORCH_FULL), "the write failed"),
-    "torch_write_failed": (lambda: RuntimeError(TORCH_WRITE_FAILED), "the write failed"),
-    "torch_enospc_text": (lambda: RuntimeError(f"{TORCH_WRITE_FAILED}: No space left on device"),
-                          "no space left on device"),
-}
+CHECKPOINT_FAULTS = {name: DISK_FAULTS[name] for name in ("edquot", "eio", "torch_unexpected_pos",
+                                                              "torch_write_failed", "torch_enospc_text")}
+# a full disk's line goes on with the MB needed and free
+CHECKPOINT_FAULTS["enospc"] = (DISK_FAULTS["enospc"][0], "no space left on device; ")
 
 
 @pytest.mark.parametrize("fault", sorted(CHECKPOINT_FAULTS))

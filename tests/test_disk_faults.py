@@ -16,30 +16,17 @@ import torch
 
 import atomic_io
 import checkpointing
-from adversarial import HalfWriter, assert_clean, assert_one_line, os_error, run_in_process
+from adversarial import DISK_FAULTS, HalfWriter, assert_clean, assert_one_line, os_error, run_in_process
 from atomic_io import append_line, disk_errors, give_normal_permissions, make_temp_dir, write_text_atomic
 from checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from errors import UserError
 from tiny_checkpoint import LOOP_TYPES, full_state
 
 # What a full disk looks like from each writer (messages as torch 2.13 / safetensors 0.8 / the OS give them).
-TORCH_FULL = "[enforce fail at inline_container.cc:664] . unexpected pos 1088 vs 1024"
-TORCH_WRITE_FAILED = "PytorchStreamWriter failed writing file data/0: file write failed"
 SAFETENSORS_FULL = ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
                     'on device" })')
 
 
-FAULTS: dict[str, tuple[Callable[[], BaseException], str]] = {  # the error, what the line must say
-    "enospc": (lambda: os_error(errno.ENOSPC), "no space left on device"),
-    "edquot": (lambda: os_error(errno.EDQUOT), "quota"),
-    "erofs": (lambda: os_error(errno.EROFS), "read-only file system"),
-    "eacces": (lambda: os_error(errno.EACCES), "permission denied"),
-    "eio": (lambda: os_error(errno.EIO), "input/output error"),
-    "torch_unexpected_pos": (lambda: RuntimeError(TORCH_FULL), "the write failed"),
-    "torch_write_failed": (lambda: RuntimeError(TORCH_WRITE_FAILED), "the write failed"),
-    "torch_enospc_text": (lambda: RuntimeError(f"{TORCH_WRITE_FAILED}: No space left on device"),
-                          "no space left on device"),
-}
 
 
 def saved(tmp_path: Path) -> Path:
@@ -63,10 +50,10 @@ def partial_then(err: Callable[[], BaseException]) -> Callable[..., None]:
     return save
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("fault", sorted(DISK_FAULTS))
 def test_checkpoint_save_refused_by_torch_save(fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = saved(tmp_path)
-    error, says = FAULTS[fault]
+    error, says = DISK_FAULTS[fault]
     monkeypatch.setattr(checkpointing.torch, "save", partial_then(error))
     state, meta = full_state(2.0, step=6)
     with pytest.raises(UserError) as raised:
@@ -81,7 +68,7 @@ def test_checkpoint_save_refused_by_torch_save(fault: str, tmp_path: Path, monke
 @pytest.mark.parametrize("step", ["meta_json", "fsync", "rename"])
 def test_checkpoint_save_refused_later(fault: str, step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = saved(tmp_path)
-    error, says = FAULTS[fault]
+    error, says = DISK_FAULTS[fault]
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise error()
@@ -132,7 +119,7 @@ def test_real_read_only_folder(tmp_path: Path) -> None:
 def test_atomic_text_write_refused(fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "result.json"
     target.write_text('{"old": true}\n')
-    error, says = FAULTS[fault]
+    error, says = DISK_FAULTS[fault]
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise error()
