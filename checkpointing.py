@@ -525,6 +525,18 @@ def resolve_resume_path(spec: str | None, output_dir: Path | None, runs_root: Pa
     return max(candidates, key=lambda path: (path / META_FILE).stat().st_mtime)
 
 
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                   train_step: Any = None, loop: dict[str, Any] | None = None,
+                   grads: list[torch.Tensor | None] | None = None) -> dict[str, Any]:
+    """What state.pt holds: weights (model_state), optimizer, schedule, TrainStep counters and scaler, RNG
+    states, the loop position, and the gradients of an unfinished accumulation. The trainer writes it; the
+    benchmark times writing it."""
+    return {"model": model_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "train_step": train_step.state_dict() if train_step is not None else {},
+            "rng": capture_rng_state(), "loop": dict(loop or {}), "grads": grads}
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights a resume needs: everything for full fine-tuning, only the trainable tensors for LoRA
     (the frozen base weights are reloaded from the model itself, which saves gigabytes per checkpoint)."""

@@ -415,16 +415,6 @@ class SaveTimes:
                 "folder": self.folder}
 
 
-def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                     train_step: Any = None, loop: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a trainer checkpoint holds (trainloop_gpu_finetuned.Trainer._save_now): weights, optimizer,
-    schedule, step and scaler state, RNG states, loop position."""
-    return {"model": checkpointing.model_state(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "train_step": train_step.state_dict() if train_step is not None else {},
-            "rng": checkpointing.capture_rng_state(), "loop": dict(loop or {}), "grads": None}
-
-
 def _existing_folder(path: Path) -> Path:
     """`path` or its nearest existing parent (the run folder may not exist yet: it is on the same file system)."""
     path = Path(path).absolute()
@@ -449,7 +439,7 @@ def measure_saves(output_dir: str | os.PathLike, model: torch.nn.Module, optimiz
     try:
         _synchronize(device)
         start = time.perf_counter()
-        state = checkpoint_state(model, optimizer, scheduler, train_step)
+        state = checkpointing.training_state(model, optimizer, scheduler, train_step)
         written = checkpointing.save_checkpoint(folder / checkpointing.CHECKPOINT_DIR, 0, state,
                                                 dict(meta or {}, reason="timing"), keep=1)
         checkpoint_seconds = time.perf_counter() - start

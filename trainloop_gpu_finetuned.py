@@ -876,15 +876,8 @@ def write_checkpoint(info: RunInfo, plan: RunPlan, parts: TrainingParts, ctx: Di
         if has_grads:
             grads = [None if g is None else ctx.all_reduce_mean(g).cpu() for g in grads]
     if ctx.is_main:
-        state = {
-            "model": checkpointing.model_state(parts.model),
-            "optimizer": parts.optimizer.state_dict(),
-            "scheduler": parts.scheduler.state_dict(),
-            "train_step": parts.step.state_dict(),
-            "rng": checkpointing.capture_rng_state(),
-            "loop": saved_loop,
-            "grads": grads if has_grads else None,
-        }
+        state = checkpointing.training_state(parts.model, parts.optimizer, parts.scheduler, parts.step, saved_loop,
+                                             grads if has_grads else None)
         meta = {"step": loop.step, "epoch": loop.epoch, "batch": loop.batch, "reason": reason,
                 "saved_at": datetime.now().isoformat(timespec="seconds"), "epochs": plan.epochs,
                 "args": jsonable(vars(info.args)), "plan": plan.record(),
