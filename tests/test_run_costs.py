@@ -171,6 +171,27 @@ def test_measurement_keeps_to_its_limit_and_projects_timed_plus_predicted():
     assert 0 < part.expected_error <= predicted_share + 1e-12
 
 
+def test_a_lone_timed_batch_is_a_full_one_and_the_warm_up_has_its_shape():
+    """The tiny CPU model's held-out pass (12 batches of 8 rows, a last one of 4): decoding is mostly per step
+    (4 rows 7.7 ms, 8 rows 9.0 ms). Scaling the short last batch per generated token planned the pass ~1.7x
+    too long; the lone timed batch must be a full one."""
+    batches = [_fake_batch(8, 41, 13) for _ in range(12)] + [_fake_batch(4, 41, 13)]
+    step_bound = lambda b: b.decode_steps * 6.4e-4 + b.generated_tokens * 2.5e-5  # noqa: E731
+    calls = []
+
+    def clock(batch):
+        calls.append(batch)
+        return step_bound(batch)
+
+    lone = run_costs.measure_evaluation(None, batches, clock=clock, progress=False, max_batches=1)
+    assert [batches[i].rows for i in lone.timed] == [8]
+    truth = sum(step_bound(b) for b in batches)
+    assert lone.pass_seconds == pytest.approx(truth, rel=0.05)
+    warm_up = calls[0]
+    assert warm_up.rows == 8 and set(warm_up.answers) == {2}  # every row of the first batch, two tokens
+    assert run_costs.sampling_order([3.0, 1.0, 2.0, 0.5], rows=[8, 8, 8, 4])[:3] == [1, 0, 3]
+
+
 def test_real_decoding_is_measured_and_projected(tiny):
     tasks = [_task(f"r{i}", 2 + i % 3, seed=i) for i in range(6)]
     batches = run_costs.evaluation_pass(tasks, 4096, 2, 1)
