@@ -100,6 +100,7 @@ class RunCostsInfo:
     evaluation: EvaluationCost | None   # None: evaluation off (--eval-tasks 0)
     prediction_views: int = 1       # --views for the prediction projection
     prediction_seconds_per_task: float | None = None  # evaluation.py --submission, per task, at --views
+    first_plot_extra_seconds: float = 0.0   # the first redraw's one-off (importing matplotlib), beyond plot_seconds
 
 
 @dataclass(frozen=True)

@@ -491,13 +491,12 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
         with tempfile.TemporaryDirectory(prefix=".run-costs-plot-") as folder:
             records = _plot_records(bool(s.evaluation))
             # The first redraw imports matplotlib: a one-off the trainer pays at its first epoch end, planned
-            # with the start-up; each redraw costs the second.
+            # there (with the checkpoints, where the run counts its redraws); each redraw costs the second.
             first = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
             plot_seconds = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
             plot_import = max(0.0, first - plot_seconds)
     saves, plot_seconds, plot_import = ctx.broadcast_object((saves, plot_seconds, plot_import))
     spent = saves.checkpoint_seconds + saves.final_save_seconds + 2 * plot_seconds + plot_import
-    startup += plot_import
 
     evaluation = s.evaluation
     eval_cost, eval_seconds, eval_error, fitted = None, 0.0, None, None
@@ -537,7 +536,7 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
     costs = run_budget.RunCosts(
         startup_seconds=startup, epoch_seconds=projection.seconds, batches_per_epoch=len(s.epoch_shapes),
         eval_pass_seconds=eval_seconds, checkpoint_seconds=saves.checkpoint_seconds,
-        final_save_seconds=saves.final_save_seconds, plot_seconds=plot_seconds,
+        final_save_seconds=saves.final_save_seconds, plot_seconds=plot_seconds, first_plot_extra_seconds=plot_import,
         expected_error=_finite(projection.best.expected_error), batch_seconds=_batch_seconds(s, projection),
         eval_error=eval_error)
     schedule = run_budget.Schedule(len(s.epoch_shapes), grad_accum=args.grad_accum, eval_enabled=bool(evaluation),
@@ -551,7 +550,8 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
                         checkpoint_bytes=saves.checkpoint_bytes, final_save_seconds=saves.final_save_seconds,
                         final_save_bytes=saves.final_save_bytes, plot_seconds=plot_seconds, added_seconds=spent,
                         added_share=spent / total, benchmark_seconds=total, evaluation=eval_cost,
-                        prediction_views=args.views or 1, prediction_seconds_per_task=prediction)
+                        prediction_views=args.views or 1, prediction_seconds_per_task=prediction,
+                        first_plot_extra_seconds=plot_import)
     import run_plan
 
     return RunCostMeasurement(costs, schedule, policy, info, run_plan.schedule_record(args, evaluation))

@@ -65,7 +65,9 @@ class RunCosts:
     `epoch_seconds`: the projected wall time of one epoch's training steps, `batches_per_epoch` batches.
     `eval_pass_seconds`: one evaluation pass over the evaluation set at the run's settings (0: evaluation off).
     `checkpoint_seconds`: one checkpoint write; `final_save_seconds`: one `model.save_model`;
-    `plot_seconds`: one redraw of training_curves.png (each epoch end and at the end).
+    `plot_seconds`: one redraw of training_curves.png (each epoch end and at the end);
+    `first_plot_extra_seconds`: what the run's first redraw costs beyond that (importing matplotlib, its font
+    cache), planned where the run pays it: with the checkpoints, at the first epoch's end.
     `expected_error`: the epoch projection's 95% expected error as a fraction (None: unknown).
     `eval_error`: the evaluation pass projection's expected error as a fraction (None: as `expected_error`).
     `batch_seconds`: optional predicted seconds of each batch of epoch 0 in training order (the benchmark's
@@ -77,6 +79,7 @@ class RunCosts:
     checkpoint_seconds: float = 0.0
     final_save_seconds: float = 0.0
     plot_seconds: float = 0.0
+    first_plot_extra_seconds: float = 0.0
     expected_error: float | None = None
     batch_seconds: tuple[float, ...] | None = None
     eval_error: float | None = None
@@ -85,7 +88,7 @@ class RunCosts:
         if self.epoch_seconds <= 0 or self.batches_per_epoch < 1:
             raise ValueError("epoch time and batches per epoch must be positive")
         for name in ("startup_seconds", "eval_pass_seconds", "checkpoint_seconds", "final_save_seconds",
-                     "plot_seconds"):
+                     "plot_seconds", "first_plot_extra_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.batch_seconds is not None and len(self.batch_seconds) != self.batches_per_epoch:
@@ -239,7 +242,8 @@ def plan_run(costs: RunCosts, schedule: Schedule) -> RunPlan:
                    startup=costs.startup_seconds,
                    training=training,
                    evaluation=evaluation,
-                   checkpoints=saves + counts.plots * costs.plot_seconds)
+                   checkpoints=saves + counts.plots * costs.plot_seconds
+                   + (costs.first_plot_extra_seconds if counts.plots else 0.0))
 
 
 def margin_for(expected_error: float | None, policy: BudgetPolicy = BudgetPolicy()) -> float:

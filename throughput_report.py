@@ -662,7 +662,7 @@ def _run_cost_lines(result: BenchmarkResult) -> list[str]:
                      f"the fitted cost; expected error ±{evaluation.expected_error:.0%}")
     lines.append(f"  checkpoints  {shown(costs.checkpoint_seconds)} per write ({format_bytes(costs.checkpoint_bytes)}), "
                  f"final model {shown(costs.final_save_seconds)} ({format_bytes(costs.final_save_bytes)}), plot "
-                 f"{shown(costs.plot_seconds)}")
+                 f"{shown(costs.plot_seconds)} (the first {shown(costs.plot_seconds + costs.first_plot_extra_seconds)})")
     if costs.prediction_seconds_per_task is not None:
         lines.append(f"  prediction   {shown(costs.prediction_seconds_per_task)} per task with {costs.prediction_views} "
                      f"view{'' if costs.prediction_views == 1 else 's'} (evaluation.py --submission; the evaluation "

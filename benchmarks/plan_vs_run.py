@@ -7,6 +7,9 @@ known length, as a trained model writes it; an untrained model stops elsewhere. 
 model that has already learnt the task family (pre-trained first, ~20 s), whose answers have the right length.
 
     .venv/bin/python benchmarks/plan_vs_run.py --budgets 2m 4m        # ~8 min on 2 CPU cores
+
+The benchmark runs with its default 500 timed batches, as a user runs it, and once more right after each run:
+on a shared machine the speed drifts over minutes, and the second benchmark shows by how much.
 """
 from __future__ import annotations
 
@@ -48,12 +51,12 @@ def main() -> int:
     settings = ["--model-name", str(work / "base" / "model"), "--device", "cpu", "--data", str(data),
                 "--batch-size", "8", "--eval-data", str(held_out), "--eval-tasks", "100", "--save-every", "0"]
     load = os.getloadavg()[0]
-    for budget in args.budgets:
-        result = work / f"bench-{budget}.json"
-        run("measure_throughput.py", *settings, "--num-batches", "60", "--time-budget", budget,
-            "--max-useful-epochs", "1000", "--json", str(result), cwd=work)
+    for k, budget in enumerate(args.budgets):
+        result = work / f"bench-{k}-{budget}.json"
+        run("measure_throughput.py", *settings, "--time-budget", budget, "--max-useful-epochs", "1000",
+            "--json", str(result), cwd=work)
         row = next(r for r in json.loads(result.read_text())["recommendations"] if r["source"] == "--time-budget")
-        folder = work / f"run-{budget}"
+        folder = work / f"run-{k}-{budget}"
         out = run("trainloop_gpu_finetuned.py", *settings, "--epochs", "auto", "--time-budget", budget,
                   "--throughput-json", str(result), "--output-dir", str(folder), cwd=work)
         lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -71,6 +74,16 @@ def main() -> int:
         bench = json.loads(result.read_text())["run_costs"]
         print(f"    the benchmark's added measurements: {bench['added_share']:.1%} of its "
               f"{bench['benchmark_seconds']:.1f} s")
+        # The host's own drift: the same benchmark again right after the run (a shared machine's speed moves
+        # by several percent over minutes; no plan made before the run can see that).
+        after = work / f"bench-{k}-{budget}-after.json"
+        run("measure_throughput.py", *settings, "--eval-tasks", "0", "--json", str(after), cwd=work)
+        before_epoch = json.loads(result.read_text())["epoch_seconds"]
+        after_epoch = json.loads(after.read_text())["epoch_seconds"]
+        trained = record["breakdown"]["training"] / max(1, epochs)
+        print(f"    epoch seconds: benchmark before the run {before_epoch:.3f}, during the run {trained:.3f} "
+              f"({trained / before_epoch - 1:+.1%}), benchmark after it {after_epoch:.3f} "
+              f"({after_epoch / before_epoch - 1:+.1%}: the host's drift)")
     print(f"load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     return 0
 

@@ -3,6 +3,7 @@ rules, breakdowns that sum, the margin, budgets too short or without a unit, and
 from __future__ import annotations
 
 import itertools
+import dataclasses
 import json
 import math
 
@@ -77,6 +78,9 @@ def test_the_breakdown_sums_and_counts_each_part():
     # those multiples of 1000 is an epoch's last batch (a multiple of 3232)
     assert plan.counts.checkpoints == 6 + 19
     assert plan.checkpoints == pytest.approx(25 * 6.0 + 2.5 + 7 * 0.4)
+    # the first redraw's one-off (matplotlib's import) is planned once, with the redraws, not with the start-up
+    first = rb.plan_run(dataclasses.replace(COSTS, first_plot_extra_seconds=3.0), SCHEDULE.with_length(6, None))
+    assert first.checkpoints == pytest.approx(plan.checkpoints + 3.0) and first.startup == plan.startup
     for row in rb.recommendations(COSTS, SCHEDULE, time_budget_seconds=5400):
         data = row.as_json()
         assert data["planned_seconds"] == sum(data["breakdown"].values())
