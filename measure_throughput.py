@@ -496,7 +496,10 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
             plot_seconds = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
             plot_import = max(0.0, first - plot_seconds)
     saves, plot_seconds, plot_import = ctx.broadcast_object((saves, plot_seconds, plot_import))
-    spent = saves.checkpoint_seconds + saves.final_save_seconds + 2 * plot_seconds + plot_import
+    # Each later epoch's samples are drawn and encoded before its first step (epoch 0's were, in the start-up);
+    # without augmentation every epoch is epoch 0's, and this costs nothing, as in the run.
+    epoch_data = run_costs.time_call(lambda: s.data.encoded(1))
+    spent = saves.checkpoint_seconds + saves.final_save_seconds + 2 * plot_seconds + plot_import + epoch_data
 
     evaluation = s.evaluation
     eval_cost, eval_seconds, eval_error, fitted = None, 0.0, None, None
@@ -537,6 +540,7 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
         startup_seconds=startup, epoch_seconds=projection.seconds, batches_per_epoch=len(s.epoch_shapes),
         eval_pass_seconds=eval_seconds, checkpoint_seconds=saves.checkpoint_seconds,
         final_save_seconds=saves.final_save_seconds, plot_seconds=plot_seconds, first_plot_extra_seconds=plot_import,
+        epoch_data_seconds=epoch_data,
         expected_error=_finite(projection.best.expected_error), batch_seconds=_batch_seconds(s, projection),
         eval_error=eval_error)
     schedule = run_budget.Schedule(len(s.epoch_shapes), grad_accum=args.grad_accum, eval_enabled=bool(evaluation),
@@ -551,7 +555,7 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
                         final_save_bytes=saves.final_save_bytes, plot_seconds=plot_seconds, added_seconds=spent,
                         added_share=spent / total, benchmark_seconds=total, evaluation=eval_cost,
                         prediction_views=args.views or 1, prediction_seconds_per_task=prediction,
-                        first_plot_extra_seconds=plot_import)
+                        first_plot_extra_seconds=plot_import, epoch_data_seconds=epoch_data)
     import run_plan
 
     return RunCostMeasurement(costs, schedule, policy, info, run_plan.schedule_record(args, evaluation))
@@ -629,7 +633,7 @@ def build_result(s: Setup, timings: Timings, longest: tuple[report.BatchShape, f
         device=DeviceInfo(**{k: v for k, v in device.items() if k in DeviceInfo.__dataclass_fields__}),
         settings=settings, world_size=ctx.world_size, backend=ctx.backend,
         model=ModelSize(total, trainable),
-        data=DataSummary(s.data_description, len(s.data.encoded(0)), len(s.data.skipped(0))),
+        data=DataSummary(s.data_description, len(s.data.lengths(0)), len(s.data.skipped(0))),
         warmup_batches=args.warmup, compiled=s.compiled, startup_seconds=timings.startup_seconds,
         timed_batches=len(timings.batch_ms),
         per_batch_ms=report.Stats.of(timings.batch_ms).as_ms_stats(),

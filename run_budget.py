@@ -62,7 +62,9 @@ class RunCosts:
 
     `startup_seconds`: process start to the first training step (imports, data, model loading, the long-batch
     memory probe), plus the one-off extra of the first steps (compiling under --compile).
-    `epoch_seconds`: the projected wall time of one epoch's training steps, `batches_per_epoch` batches.
+    `epoch_seconds`: the projected wall time of one epoch's training steps, `batches_per_epoch` batches;
+    `epoch_data_seconds`: preparing an epoch's samples before its first step (drawing the augmentation,
+    encoding), which the run counts as training too; epoch 0's is part of the start-up.
     `eval_pass_seconds`: one evaluation pass over the evaluation set at the run's settings (0: evaluation off).
     `checkpoint_seconds`: one checkpoint write; `final_save_seconds`: one `model.save_model`;
     `plot_seconds`: one redraw of training_curves.png (each epoch end and at the end);
@@ -79,6 +81,7 @@ class RunCosts:
     checkpoint_seconds: float = 0.0
     final_save_seconds: float = 0.0
     plot_seconds: float = 0.0
+    epoch_data_seconds: float = 0.0
     first_plot_extra_seconds: float = 0.0
     expected_error: float | None = None
     batch_seconds: tuple[float, ...] | None = None
@@ -88,7 +91,7 @@ class RunCosts:
         if self.epoch_seconds <= 0 or self.batches_per_epoch < 1:
             raise ValueError("epoch time and batches per epoch must be positive")
         for name in ("startup_seconds", "eval_pass_seconds", "checkpoint_seconds", "final_save_seconds",
-                     "plot_seconds", "first_plot_extra_seconds"):
+                     "plot_seconds", "first_plot_extra_seconds", "epoch_data_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.batch_seconds is not None and len(self.batch_seconds) != self.batches_per_epoch:
@@ -232,6 +235,7 @@ def plan_run(costs: RunCosts, schedule: Schedule) -> RunPlan:
         # Epoch 0 trains its first n batches; later epochs draw others: planned at the epoch's mean batch.
         training = (costs.training_seconds(n)
                     + (schedule.epochs - 1) * costs.epoch_seconds * n / costs.batches_per_epoch)
+    training += (schedule.epochs - 1) * costs.epoch_data_seconds  # epoch 0's is prepared in the start-up
     evaluation = counts.evaluations * costs.eval_pass_seconds
     saves = counts.checkpoints * costs.checkpoint_seconds + counts.final_saves * costs.final_save_seconds
     # The trainer redraws the plot at an epoch end only PLOT_EVERY_SECONDS after the last redraw, and once at

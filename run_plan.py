@@ -145,6 +145,7 @@ def run_costs_of(result: BenchmarkResult) -> Any:
         eval_pass_seconds=evaluation.pass_seconds if evaluation else 0.0,
         checkpoint_seconds=costs.checkpoint_seconds, final_save_seconds=costs.final_save_seconds,
         plot_seconds=costs.plot_seconds, first_plot_extra_seconds=costs.first_plot_extra_seconds,
+        epoch_data_seconds=costs.epoch_data_seconds,
         expected_error=result.epoch_projection.expected_error,
         eval_error=evaluation.expected_error if evaluation else None)
 

@@ -648,6 +648,9 @@ def _run_cost_lines(result: BenchmarkResult) -> list[str]:
     lines = ["Besides training (measured here with the trainer's settings; the recommendations plan them):",
              f"  start-up     {shown(costs.startup_seconds)} (process start to the first step: loading, data, "
              f"model{compiled}, the first steps' one-off cost)"]
+    if costs.epoch_data_seconds > 0:
+        lines.append(f"  epoch data   {shown(costs.epoch_data_seconds)} per later epoch (drawing its augmentation and "
+                     f"encoding its samples; planned as training)")
     evaluation = costs.evaluation
     if evaluation is None:
         lines.append("  evaluation   off (--eval-tasks 0)")

@@ -560,6 +560,7 @@ class TrainLoop:
     def train_epoch(self) -> str | None:
         """Run the rest of the current epoch; returns why it stopped early, or None."""
         loop, epoch = self.state, self.state.epoch
+        prepared_from = time.perf_counter()
         total = self.plan.epoch_batches[epoch]
         encoded = self.data.encoded(epoch)
         # This rank's batches (all of them with one process); the plan is the same on every rank.
@@ -571,9 +572,11 @@ class TrainLoop:
                        mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr,
                        disable=not self.ctx.is_main)
         bar.stats = self.bar_stats()
-        self.tick = time.perf_counter()
-        if self.first_step_at is None:
+        if self.first_step_at is None:  # the start-up ends here, this epoch's preparation in it
             self.first_step_at = time.monotonic()
+        else:  # a later epoch's samples (drawn and encoded above) are training time, as planned
+            self.spent.training += time.perf_counter() - prepared_from
+        self.tick = time.perf_counter()
         try:
             while loop.batch < total:
                 index = loop.batch

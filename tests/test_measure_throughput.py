@@ -110,7 +110,8 @@ def test_cpu_run_prints_the_guides_sections_and_writes_json(tasks_dir, tmp_path)
     assert all(r["epochs"] == 10 and r["capped"] for r in rows)   # a tiny epoch: the useful maximum everywhere
     for r in rows:   # the whole run: its parts sum to it, training is the epochs' projection
         assert sum(r["breakdown"].values()) == pytest.approx(r["planned_seconds"])
-        assert r["breakdown"]["training"] == pytest.approx(10 * result["epoch_seconds"])
+        assert r["breakdown"]["training"] == pytest.approx(
+            10 * result["epoch_seconds"] + 9 * result["run_costs"]["epoch_data_seconds"])  # epochs 1-9 drawn anew
         assert r["counts"]["evaluations"] == 10 and r["margin"] >= 0.05
         assert r["planned_seconds"] * (1 + r["margin"]) <= r["budget_hours"] * 3600
     costs = result["run_costs"]

@@ -81,6 +81,9 @@ def test_the_breakdown_sums_and_counts_each_part():
     # the first redraw's one-off (matplotlib's import) is planned once, with the redraws, not with the start-up
     first = rb.plan_run(dataclasses.replace(COSTS, first_plot_extra_seconds=3.0), SCHEDULE.with_length(6, None))
     assert first.checkpoints == pytest.approx(plan.checkpoints + 3.0) and first.startup == plan.startup
+    # each epoch after the first draws and encodes its samples before its first step: training time
+    prepared = rb.plan_run(dataclasses.replace(COSTS, epoch_data_seconds=2.0), SCHEDULE.with_length(6, None))
+    assert prepared.training == pytest.approx(plan.training + 5 * 2.0) and prepared.startup == plan.startup
     for row in rb.recommendations(COSTS, SCHEDULE, time_budget_seconds=5400):
         data = row.as_json()
         assert data["planned_seconds"] == sum(data["breakdown"].values())

@@ -228,6 +228,25 @@ def test_epochs_auto_takes_the_benchmark_recommendation(tmp_path, capsys):
     assert "planned against measured:" in out and "whole run" in out
 
 
+def test_a_later_epochs_preparation_is_training_time_and_epoch_0s_is_start_up(tmp_path, monkeypatch):
+    """The plan counts drawing and encoding epochs 1.. as training (epoch 0's in the start-up): the run must
+    count them in the same parts, or planned and measured parts disagree."""
+    import arc_dataset
+
+    encode = arc_dataset.TrainingData._encode_epoch
+
+    def slow(self, epoch):
+        time.sleep(0.3)
+        return encode(self, epoch)
+
+    monkeypatch.setattr(arc_dataset.TrainingData, "_encode_epoch", slow)
+    assert run_main(tiny_args(tmp_path, "run", "--epochs", "3", "--max-batches", "1")) == 0
+    run = records(tmp_path / "run")[-1]
+    assert run["breakdown"]["training"] >= 2 * 0.3      # epochs 1 and 2 encoded while training
+    assert run["other_seconds"] < 0.3                    # not left outside the parts
+    assert run["breakdown"]["startup"] >= 0.3            # epoch 0 encoded before the first step
+
+
 def test_the_checkpoint_records_the_plan_and_a_resume_reads_it_back(tmp_path, capsys):
     """--epochs auto stays 'auto' in the run's flags; the plan it resolved to (2 epochs of 2 batches) is what
     the checkpoint records and what a resume continues."""
