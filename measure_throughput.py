@@ -465,14 +465,13 @@ class RunCostMeasurement:
 
 def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjection,
                       compiled: tuple[list[report.BatchShape], float]) -> RunCostMeasurement:
-    """Time one checkpoint write, one final-model save, one plot, and real decoding of the evaluation set (and
-    of --views prediction), within run_costs.measurement_allowance of the benchmark so far; then the start-up
-    and the run costs the recommendations plan with."""
+    """Time one checkpoint write, one final-model save, one plot, an epoch's preparation, and real decoding of
+    the evaluation set (and of --views prediction), within run_costs.measurement_allowance of the benchmark so
+    far; then the start-up and the run costs the recommendations plan with."""
     import run_budget
-    import run_costs
-    from run_monitor import plot_metrics
+    import run_plan
 
-    args, ctx = s.args, s.ctx
+    args = s.args
     model = projection.best.model
 
     def steady(shapes: list[report.BatchShape]) -> float:
@@ -484,8 +483,52 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
     startup = (s.setup_seconds + max(0.0, compiled[1] - steady(compiled[0]))
                + max(0.0, timings.warmup_seconds - steady(timings.warmup_shapes)))
     so_far = time.monotonic() - s.process_started
+    files = _time_files(s)
+    spent = files.spent
+    eval_cost, fitted, spent = _time_evaluation(s, so_far, spent)
+    prediction, spent = _time_prediction(s, fitted, so_far, spent)
+    saves = files.saves
+    costs = run_budget.RunCosts(
+        startup_seconds=startup, epoch_seconds=projection.seconds, batches_per_epoch=len(s.epoch_shapes),
+        eval_pass_seconds=eval_cost.pass_seconds if eval_cost else 0.0, checkpoint_seconds=saves.checkpoint_seconds,
+        final_save_seconds=saves.final_save_seconds, plot_seconds=files.plot_seconds,
+        first_plot_extra_seconds=files.first_plot_extra, epoch_data_seconds=files.epoch_data,
+        expected_error=_finite(projection.best.expected_error), batch_seconds=_batch_seconds(s, projection),
+        eval_error=eval_cost.expected_error if eval_cost else None)
+    schedule = run_budget.Schedule(len(s.epoch_shapes), grad_accum=args.grad_accum, eval_enabled=bool(s.evaluation),
+                                   eval_every=args.eval_every, save_every=args.save_every)
+    slowest = max(timings.batch_ms) / 1000
+    policy = run_budget.BudgetPolicy(min_margin=run_budget.min_margin_for(s.device.type),
+                                     reserve_seconds=run_budget.stop_rule_reserve(costs, slowest),
+                                     max_useful_epochs=args.max_useful_epochs)
+    total = time.monotonic() - s.process_started
+    info = RunCostsInfo(startup_seconds=startup, checkpoint_seconds=saves.checkpoint_seconds,
+                        checkpoint_bytes=saves.checkpoint_bytes, final_save_seconds=saves.final_save_seconds,
+                        final_save_bytes=saves.final_save_bytes, plot_seconds=files.plot_seconds, added_seconds=spent,
+                        added_share=spent / total, benchmark_seconds=total, evaluation=eval_cost,
+                        prediction_views=args.views or 1, prediction_seconds_per_task=prediction,
+                        first_plot_extra_seconds=files.first_plot_extra, epoch_data_seconds=files.epoch_data)
+    return RunCostMeasurement(costs, schedule, policy, info, run_plan.schedule_record(args, s.evaluation))
+
+
+@dataclass(frozen=True)
+class FileCosts:
+    """The saves, the plot and an epoch's preparation, timed once each."""
+    saves: Any                 # run_costs.SaveTimes
+    plot_seconds: float        # one redraw
+    first_plot_extra: float    # the first redraw's one-off (importing matplotlib, its font cache)
+    epoch_data: float          # drawing and encoding a later epoch's samples
+    spent: float               # what timing them took
+
+
+def _time_files(s: Setup) -> FileCosts:
+    """One checkpoint and one final model (rank 0, on the output folder's file system), two plot redraws, and
+    epoch 1's preparation (each process prepares its own)."""
+    import run_costs
+    from run_monitor import plot_metrics
+
     saves, plot_seconds, plot_import = None, 0.0, 0.0
-    if ctx.is_main:
+    if s.ctx.is_main:
         saves = run_costs.measure_saves("runs", s.model, s.parts.optimizer, s.parts.scheduler, s.step)
         import tempfile
         with tempfile.TemporaryDirectory(prefix=".run-costs-plot-") as folder:
@@ -495,70 +538,55 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
             first = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
             plot_seconds = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
             plot_import = max(0.0, first - plot_seconds)
-    saves, plot_seconds, plot_import = ctx.broadcast_object((saves, plot_seconds, plot_import))
+    saves, plot_seconds, plot_import = s.ctx.broadcast_object((saves, plot_seconds, plot_import))
     # Each later epoch's samples are drawn and encoded before its first step (epoch 0's were, in the start-up);
     # without augmentation every epoch is epoch 0's, and this costs nothing, as in the run.
     epoch_data = run_costs.time_call(lambda: s.data.encoded(1))
     spent = saves.checkpoint_seconds + saves.final_save_seconds + 2 * plot_seconds + plot_import + epoch_data
+    return FileCosts(saves, plot_seconds, plot_import, epoch_data, spent)
+
+
+def _time_evaluation(s: Setup, so_far: float, spent: float) -> tuple[EvaluationCost | None, Any, float]:
+    """One evaluation pass, projected from real decoding within what the allowance leaves (None when
+    --eval-tasks 0); with the fitted decode cost and the added time so far."""
+    import run_costs
 
     evaluation = s.evaluation
-    eval_cost, eval_seconds, eval_error, fitted = None, 0.0, None, None
-    if evaluation:
-        # Each process decodes its share of the tasks (the trainer splits evaluation the same way).
-        share = distributed.shard_items(evaluation.tasks, ctx)
-        batches = run_costs.evaluation_pass(share, args.max_length, evaluation.batch_size, evaluation.attempts,
-                                            args.seed, evaluation.views)
-        allowance = run_costs.measurement_allowance(so_far, spent)
-        measured = _decode_timed(s, batches, allowance, "Timing evaluation")
-        fitted = measured.model
-        scoring = run_costs.scoring_seconds(batches, fitted)
-        eval_seconds = measured.pass_seconds + scoring
-        eval_error = measured.expected_error * measured.pass_seconds / eval_seconds if eval_seconds else 0.0
+    if not evaluation:
+        return None, None, spent
+    # Each process decodes its share of the tasks (the trainer splits evaluation the same way).
+    share = distributed.shard_items(evaluation.tasks, s.ctx)
+    batches = run_costs.evaluation_pass(share, s.args.max_length, evaluation.batch_size, evaluation.attempts,
+                                        s.args.seed, evaluation.views)
+    measured = _decode_timed(s, batches, run_costs.measurement_allowance(so_far, spent), "Timing evaluation")
+    scoring = run_costs.scoring_seconds(batches, measured.model)
+    seconds = measured.pass_seconds + scoring
+    cost = EvaluationCost(
+        pass_seconds=seconds, expected_error=measured.expected_error * measured.pass_seconds / seconds if seconds else 0.0,
+        inputs=measured.inputs, batches=measured.batches, timed_batches=len(measured.timed),
+        timed_seconds=math.fsum(measured.timed.values()), spent_seconds=measured.spent_seconds,
+        heldout_error=measured.heldout_error, cost_model=measured.model.as_json(), scoring_seconds=scoring)
+    return cost, measured.model, spent + measured.spent_seconds
+
+
+def _time_prediction(s: Setup, fitted: Any, so_far: float, spent: float) -> tuple[float | None, float]:
+    """--views K: seconds per task of evaluation.py --submission, which decodes each task's test inputs under K
+    views in one call; the evaluation set stands in for the challenges file (its known answers give the decode
+    lengths). Decoded for real only when evaluation did not fit a cost already."""
+    import run_costs
+
+    if s.args.views is None:
+        return None, spent
+    from evaluation import tasks_with_answers
+    tasks = s.evaluation.tasks if s.evaluation else tuple(tasks_with_answers(s.tasks.tasks, 100))
+    batches = run_costs.prediction_pass(tasks, s.args.max_length, s.args.views, s.args.seed)
+    if fitted is None:
+        measured = _decode_timed(s, batches, run_costs.measurement_allowance(so_far, spent), "Timing prediction")
         spent += measured.spent_seconds
-        eval_cost = EvaluationCost(
-            pass_seconds=eval_seconds, expected_error=eval_error, inputs=measured.inputs, batches=measured.batches,
-            timed_batches=len(measured.timed), timed_seconds=math.fsum(measured.timed.values()),
-            spent_seconds=measured.spent_seconds, heldout_error=measured.heldout_error,
-            cost_model=measured.model.as_json(), scoring_seconds=scoring)
-
-    prediction = None
-    if args.views is not None:
-        # evaluation.py --submission decodes each task's test inputs under K views in one call; the evaluation
-        # set stands in for the challenges file (its known answers give the decode lengths).
-        from evaluation import tasks_with_answers
-        tasks = evaluation.tasks if evaluation else tuple(tasks_with_answers(s.tasks.tasks, 100))
-        batches = run_costs.prediction_pass(tasks, args.max_length, args.views, args.seed)
-        if fitted is None:
-            measured = _decode_timed(s, batches, run_costs.measurement_allowance(so_far, spent), "Timing prediction")
-            spent += measured.spent_seconds
-            fitted, seconds = measured.model, measured.pass_seconds
-        else:
-            seconds = run_costs.project_pass(batches, fitted, {})
-        prediction = (seconds + run_costs.scoring_seconds(batches, fitted)) / max(1, len(tasks))
-
-    costs = run_budget.RunCosts(
-        startup_seconds=startup, epoch_seconds=projection.seconds, batches_per_epoch=len(s.epoch_shapes),
-        eval_pass_seconds=eval_seconds, checkpoint_seconds=saves.checkpoint_seconds,
-        final_save_seconds=saves.final_save_seconds, plot_seconds=plot_seconds, first_plot_extra_seconds=plot_import,
-        epoch_data_seconds=epoch_data,
-        expected_error=_finite(projection.best.expected_error), batch_seconds=_batch_seconds(s, projection),
-        eval_error=eval_error)
-    schedule = run_budget.Schedule(len(s.epoch_shapes), grad_accum=args.grad_accum, eval_enabled=bool(evaluation),
-                                   eval_every=args.eval_every, save_every=args.save_every)
-    slowest = max(timings.batch_ms) / 1000
-    policy = run_budget.BudgetPolicy(min_margin=run_budget.min_margin_for(s.device.type),
-                                     reserve_seconds=run_budget.stop_rule_reserve(costs, slowest),
-                                     max_useful_epochs=args.max_useful_epochs)
-    total = time.monotonic() - s.process_started
-    info = RunCostsInfo(startup_seconds=startup, checkpoint_seconds=saves.checkpoint_seconds,
-                        checkpoint_bytes=saves.checkpoint_bytes, final_save_seconds=saves.final_save_seconds,
-                        final_save_bytes=saves.final_save_bytes, plot_seconds=plot_seconds, added_seconds=spent,
-                        added_share=spent / total, benchmark_seconds=total, evaluation=eval_cost,
-                        prediction_views=args.views or 1, prediction_seconds_per_task=prediction,
-                        first_plot_extra_seconds=plot_import, epoch_data_seconds=epoch_data)
-    import run_plan
-
-    return RunCostMeasurement(costs, schedule, policy, info, run_plan.schedule_record(args, evaluation))
+        fitted, seconds = measured.model, measured.pass_seconds
+    else:
+        seconds = run_costs.project_pass(batches, fitted, {})
+    return (seconds + run_costs.scoring_seconds(batches, fitted)) / max(1, len(tasks)), spent
 
 
 def _plot_records(evaluates: bool, epochs: int = 3, steps: int = 20) -> list[dict[str, Any]]:
