@@ -828,6 +828,23 @@ def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed % 2**63, epoch, stream])
 
 
+def _pair_tokens(shapes: np.ndarray) -> np.ndarray:
+    """Tokens of grid pairs given as rows (h1, w1, h2, w2): [as they are, with every grid's sides swapped]."""
+    h1, w1, h2, w2 = shapes.T
+    return np.stack([h1 * (w1 + 1) + h2 * (w2 + 1), w1 * (h1 + 1) + w2 * (h2 + 1)])
+
+
+@dataclass(frozen=True)
+class _LengthTable:
+    """Per-sample token counts for TrainingData's lengths; row 0 as the grids are, row 1 with sides swapped."""
+    blocks: np.ndarray     # [2, all demonstrations] 2 + input + output tokens, samples' demonstrations back to back
+    starts: np.ndarray     # [samples] where a sample's demonstrations begin in `blocks` (none when `many`)
+    ends: np.ndarray       # [samples]
+    demo_sums: np.ndarray  # [2, samples] all of a sample's demonstration blocks
+    fixed: np.ndarray      # [2, samples] BOS I query O target EOS
+    many: np.ndarray       # [samples] bool: over MANY_DEMOS demonstrations (lengths via _encode_many_demos)
+
+
 class TrainingData:
     """An epoch's encoded samples and its batches, a pure function of (samples, settings, epoch).
 
@@ -844,7 +861,10 @@ class TrainingData:
         self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._block_cache: dict[tuple[int, int], tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
         self._epoch: tuple[int, list[EncodedSample], list[tuple[str, int]]] | None = None
+        self._table: _LengthTable | None = None
+        self._lengths: tuple[int, np.ndarray, list[tuple[str, int]]] | None = None
         self._plan: tuple[int, list[list[int]]] | None = None
+        self._batch_counts: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -859,11 +879,8 @@ class TrainingData:
     def _encode_epoch(self, epoch: int) -> tuple[list[EncodedSample], list[tuple[str, int]]]:
         n, max_length = len(self.samples), self.settings.max_length
         if self.settings.augment:
-            rng = _rng(self.settings.seed, epoch, 0)
-            transforms = rng.integers(0, 8, size=n)
-            colours = rng.permuted(np.tile(np.arange(1, 10), (n, 1)), axis=1)
-            orders = [rng.permutation(len(s.demos)) if len(s.demos) <= MANY_DEMOS else None
-                      for s in self.samples]
+            rng, transforms, colours = self._draws(epoch)
+            orders = self._orders(rng, n)
         encoded, skipped = [], []
         for k, sample in enumerate(self.samples):
             if len(sample.demos) > MANY_DEMOS:  # a huge task: linear-cost path (see _encode_many_demos)
@@ -896,6 +913,70 @@ class TrainingData:
             encoded.append(EncodedSample(table[np.concatenate(pieces)], target_start, sample.task_id,
                                          sample.index, len(demos) - drop, drop, aug))
         return encoded, skipped
+
+    def _draws(self, epoch: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+        """The epoch's augmentation draws, in stream order: transforms, then colours (the generator then
+        gives the demonstration orders, see `_orders`). Shared by encoding and lengths so they stay aligned."""
+        n = len(self.samples)
+        rng = _rng(self.settings.seed, epoch, 0)
+        transforms = rng.integers(0, 8, size=n)
+        colours = rng.permuted(np.tile(np.arange(1, 10), (n, 1)), axis=1)
+        return rng, transforms, colours
+
+    def _orders(self, rng: np.random.Generator, stop: int) -> list[np.ndarray | None]:
+        """Demonstration orders of samples [0, stop) from `_draws`'s generator (None for a sample over
+        MANY_DEMOS: it draws from its own stream)."""
+        return [rng.permutation(len(s.demos)) if len(s.demos) <= MANY_DEMOS else None
+                for s in self.samples[:stop]]
+
+    def _length_table(self) -> _LengthTable:
+        """Token counts from grid shapes alone, once: an h x w grid is h*(w+1) tokens, w*(h+1) under a
+        transform that swaps its sides."""
+        if self._table is None:
+            many = np.array([len(s.demos) > MANY_DEMOS for s in self.samples], dtype=bool)
+            counts = np.array([0 if m else len(s.demos) for s, m in zip(self.samples, many)], dtype=np.int64)
+            demo_shapes = [(*i.shape, *o.shape) for s, m in zip(self.samples, many) if not m for i, o in s.demos]
+            query_shapes = [(*s.query.shape, *s.target.shape) for s in self.samples]
+            blocks = 2 + _pair_tokens(np.array(demo_shapes, dtype=np.int64).reshape(-1, 4))
+            ends = np.cumsum(counts)
+            starts = ends - counts
+            running = np.concatenate([np.zeros((2, 1), dtype=np.int64), np.cumsum(blocks, axis=1)], axis=1)
+            self._table = _LengthTable(blocks, starts, ends, running[:, ends] - running[:, starts],
+                                       4 + _pair_tokens(np.array(query_shapes, dtype=np.int64).reshape(-1, 4)), many)
+        return self._table
+
+    def _epoch_lengths(self, epoch: int) -> tuple[np.ndarray, list[tuple[str, int]]]:
+        """What `_encode_epoch` gives each sample, without building tokens: the same draws, then every
+        demonstration kept where the whole sample fits (most do: order does not matter), the length rule
+        in the drawn order only where it does not."""
+        n, max_length, augment = len(self.samples), self.settings.max_length, self.settings.augment
+        table = self._length_table()
+        if augment:
+            rng, transforms, _ = self._draws(epoch)  # the colours are drawn to keep the stream aligned
+        else:
+            transforms = np.zeros(n, dtype=np.int64)
+        side = ((transforms >= 4) ^ (transforms % 2 == 1)).astype(np.intp)  # 1: the grids' sides swap
+        columns = np.arange(n)
+        fixed = table.fixed[side, columns]
+        lengths = fixed + table.demo_sums[side, columns]
+        check = np.flatnonzero((lengths > max_length) | table.many)
+        few_over = check[~table.many[check]]
+        orders = self._orders(rng, int(few_over[-1]) + 1) if augment and len(few_over) else []
+        kept = np.ones(n, dtype=bool)
+        for k in check.tolist():
+            sample = self.samples[k]
+            if table.many[k]:
+                order_rng = _rng(self.settings.seed, epoch, 2 + k) if augment else None
+                built = self._encode_many_demos(sample, int(transforms[k]), _IDENTITY_TABLE, order_rng, None)
+                kept[k], lengths[k] = built is not None, 0 if built is None else len(built)
+                continue
+            blocks = table.blocks[side[k], table.starts[k]:table.ends[k]]
+            if augment:
+                blocks = blocks[orders[k]]
+            drop = _demos_to_drop(blocks, int(fixed[k]), max_length)
+            kept[k], lengths[k] = drop is not None, 0 if drop is None else fixed[k] + blocks[drop:].sum()
+        skipped = [(self.samples[k].task_id, self.samples[k].index) for k in np.flatnonzero(~kept).tolist()]
+        return lengths[kept], skipped
 
     def _pair_blocks(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], transform: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -950,13 +1031,22 @@ class TrainingData:
             self._epoch = (key, *self._encode_epoch(key))
         return self._epoch[1]
 
+    def _lengths_of(self, epoch: int) -> tuple[np.ndarray, list[tuple[str, int]]]:
+        """The epoch's lengths and skipped samples; only the latest epoch's are kept (memory O(samples))."""
+        key = epoch if self.settings.augment else 0
+        if self._lengths is None or self._lengths[0] != key:
+            lengths, skipped = self._epoch_lengths(key)
+            lengths.setflags(write=False)
+            self._lengths = (key, lengths, skipped)
+        return self._lengths[1], self._lengths[2]
+
     def skipped(self, epoch: int) -> list[tuple[str, int]]:
         """(task_id, pair index) of the samples that cannot fit max_length this epoch."""
-        self.encoded(epoch)
-        return self._epoch[2]
+        return self._lengths_of(epoch)[1]
 
     def lengths(self, epoch: int) -> np.ndarray:
-        return np.fromiter((len(e.input_ids) for e in self.encoded(epoch)), dtype=np.int64)
+        """Token count of each of `encoded(epoch)`'s samples, computed without encoding (read-only)."""
+        return self._lengths_of(epoch)[0]
 
     def batch_plan(self, epoch: int) -> list[list[int]]:
         """Indices into `encoded(epoch)`, one list per batch, in training order (shuffled by seed, epoch).
@@ -998,8 +1088,14 @@ class TrainingData:
 
     def num_batches(self, epoch: int = 0) -> int:
         """Batches in this epoch: a pure function of the samples and settings (3232 at batch size 1
-        on ARC-AGI-2 training)."""
-        return len(self.batch_plan(epoch))
+        on ARC-AGI-2 training). Remembered per epoch: the run's planner asks for every epoch up front.
+        Only packing needs the plan; rows of batch_size (chunks are whole batches) are a count."""
+        if epoch not in self._batch_counts:
+            if self.settings.tokens_per_batch is not None:
+                self._batch_counts[epoch] = len(self.batch_plan(epoch))
+            else:
+                self._batch_counts[epoch] = -(-len(self.lengths(epoch)) // self.settings.batch_size)
+        return self._batch_counts[epoch]
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The epoch's batches from batch index `start` (to resume mid-epoch exactly)."""
