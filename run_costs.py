@@ -21,7 +21,7 @@ timing the training steps, the trainer can measure its own start-up the same way
     `startup_seconds` adds the one-off extra of the first steps (compiling) to it.
 
 The benchmark's own added time. `measurement_allowance` keeps the added measurements (saves, then
-evaluation) under a share (10%) of the benchmark's total: the saves are timed first (one of each is the
+evaluation) under a share (9%, so that it stays under 10%) of the benchmark's total: the saves are timed first (one of each is the
 least that measures them), and evaluation gets what is left; it times the cheapest batch of the typical row count first, then batches
 spread over the pass (median, longest, shortest, quartiles, ...), each only if its predicted time fits what
 remains.
@@ -48,7 +48,9 @@ import evaluation
 from arc_dataset import MAX_TARGET_TOKENS, Task, augment_sample, evaluation_samples, grid_tokens
 from model import generate_token_batch, save_model
 
-MEASUREMENT_SHARE = 0.10  # the benchmark's own added time (saves, evaluation) at most this share of its total
+# The benchmark's own added time (saves, plot, evaluation) is planned at this share of its total, so that it
+# stays under 10% when the last timed batch runs past its prediction (at 10% it landed at 9.9-10.0%).
+MEASUREMENT_SHARE = 0.09
 # Assumed error of a predicted (untimed) batch when fewer than 4 were timed, too few to check the fit on held-out
 # ones. On this project's loaded 2-core CPU (tiny model) a 2-batch fit missed the third batch by ~+40%.
 ASSUMED_FIT_ERROR = 0.5
