@@ -26,8 +26,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from test_trainloop import write_tasks  # noqa: E402  (the recolouring family on fixed 3x3 grids)
 
 
-def run(script: str, *flags: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def run(script: str, *flags: str, cwd: Path, threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=cwd, env=env, capture_output=True,
                          text=True)
     if out.returncode != 0:
@@ -38,8 +38,19 @@ def run(script: str, *flags: str, cwd: Path) -> subprocess.CompletedProcess:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", nargs="+", default=["2m", "4m"])
+    parser.add_argument("--qwen-random-init", action="store_true",
+                        help="the Qwen2.5-0.5B architecture with random weights instead (--max-length 256, "
+                             "batch size 1, 4 evaluation tasks, both cores; ~10 min for a 6m budget)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="plan-vs-run-"))
+    if args.qwen_random_init:
+        # Random weights stop decoding wherever they happen to, not at the known answer's length the plan
+        # decodes to: the evaluation part is a check of the decode cost model only where the lengths agree.
+        data = write_tasks(work / "tasks.json", 30, 2, seed=5)
+        held_out = write_tasks(work / "held_out.json", 4, 1, seed=2)
+        settings = ["--random-init", "--device", "cpu", "--data", str(data), "--batch-size", "1",
+                    "--max-length", "256", "--eval-data", str(held_out), "--eval-tasks", "4", "--save-every", "0"]
+        return compare(args.budgets, settings, work, bench_flags=["--num-batches", "20"], threads=2)
     pretrain = work / "pretrain.json"
     pretrain.write_text(json.dumps({**json.loads(write_tasks(work / "a.json", 6000, 1, seed=1).read_text()),
                                     **json.loads(write_tasks(work / "b.json", 4000, 2, seed=3).read_text())}))
@@ -50,15 +61,21 @@ def main() -> int:
     held_out = write_tasks(work / "held_out.json", 100, 1, seed=2)
     settings = ["--model-name", str(work / "base" / "model"), "--device", "cpu", "--data", str(data),
                 "--batch-size", "8", "--eval-data", str(held_out), "--eval-tasks", "100", "--save-every", "0"]
+    return compare(args.budgets, settings, work)
+
+
+def compare(budgets: list[str], settings: list[str], work: Path, bench_flags: tuple[str, ...] | list[str] = (),
+            threads: int = 1) -> int:
+    """For each budget: benchmark, run --epochs auto on its row, print planned against measured, benchmark again."""
     load = os.getloadavg()[0]
-    for k, budget in enumerate(args.budgets):
+    for k, budget in enumerate(budgets):
         result = work / f"bench-{k}-{budget}.json"
-        run("measure_throughput.py", *settings, "--time-budget", budget, "--max-useful-epochs", "1000",
-            "--json", str(result), cwd=work)
+        run("measure_throughput.py", *settings, *bench_flags, "--time-budget", budget, "--max-useful-epochs", "1000",
+            "--json", str(result), cwd=work, threads=threads)
         row = next(r for r in json.loads(result.read_text())["recommendations"] if r["source"] == "--time-budget")
         folder = work / f"run-{k}-{budget}"
         out = run("trainloop_gpu_finetuned.py", *settings, "--epochs", "auto", "--time-budget", budget,
-                  "--throughput-json", str(result), "--output-dir", str(folder), cwd=work)
+                  "--throughput-json", str(result), "--output-dir", str(folder), cwd=work, threads=threads)
         lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         record, epochs = lines[-1], sum(line["kind"] == "epoch" for line in lines)
         planned, measured = row["planned_seconds"], record["run_seconds"]
@@ -77,13 +94,14 @@ def main() -> int:
         # The host's own drift: the same benchmark again right after the run (a shared machine's speed moves
         # by several percent over minutes; no plan made before the run can see that).
         after = work / f"bench-{k}-{budget}-after.json"
-        run("measure_throughput.py", *settings, "--eval-tasks", "0", "--json", str(after), cwd=work)
-        before_epoch = json.loads(result.read_text())["epoch_seconds"]
-        after_epoch = json.loads(after.read_text())["epoch_seconds"]
-        trained = record["breakdown"]["training"] / max(1, epochs)
-        print(f"    epoch seconds: benchmark before the run {before_epoch:.3f}, during the run {trained:.3f} "
-              f"({trained / before_epoch - 1:+.1%}), benchmark after it {after_epoch:.3f} "
-              f"({after_epoch / before_epoch - 1:+.1%}: the host's drift)")
+        run("measure_throughput.py", *settings, *bench_flags, "--eval-tasks", "0", "--json", str(after), cwd=work,
+            threads=threads)
+        per_batch = [r["epoch_seconds"] / r["batches_per_epoch"] * 1000
+                     for r in (json.loads(result.read_text()), json.loads(after.read_text()))]
+        trained = record["breakdown"]["training"] / max(1, record["counts"]["batches"]) * 1000
+        print(f"    ms per batch: benchmark before the run {per_batch[0]:.1f}, during the run {trained:.1f} "
+              f"({trained / per_batch[0] - 1:+.1%}), benchmark after it {per_batch[1]:.1f} "
+              f"({per_batch[1] / per_batch[0] - 1:+.1%}: the host's drift)")
     print(f"load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     return 0
 
