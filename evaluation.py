@@ -504,13 +504,43 @@ def _expected_inputs(data: str, tasks: Sequence[Task]) -> dict[str, list[list[li
     return expected
 
 
+@dataclass
+class TaskPacer:
+    """Spreads --time-budget over the tasks left: each task gets a deadline (`task_cap`, default three times
+    its even share of the time left) and as many of the `views` as the measured seconds per row (view x test
+    input, a running mean) say fit its share; a task reached with no time left is skipped (fallback answers)."""
+    views: int
+    deadline: float | None
+    tasks: int
+    task_cap: float | None = None
+    seconds_per_row: float | None = None
+
+    def next_task(self, done: int, inputs: int) -> tuple[int, float | None] | None:
+        """(views, deadline) for the next task of `inputs` test inputs, `done` tasks in; None: skip it."""
+        if self.deadline is None:
+            return self.views, None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return None
+        share = left / (self.tasks - done)
+        cap = self.task_cap if self.task_cap is not None else 3 * share
+        views = self.views
+        if self.seconds_per_row is not None:
+            views = max(1, min(self.views, int(share / (self.seconds_per_row * inputs))))
+        return views, min(self.deadline, time.monotonic() + cap)
+
+    def record(self, seconds: float, rows: int) -> None:
+        rate = seconds / rows
+        self.seconds_per_row = rate if self.seconds_per_row is None else 0.7 * self.seconds_per_row + 0.3 * rate
+
+
 def run_prediction(settings: PredictSettings) -> dict[str, Any]:
     """Predict every test input, write the submission (and partial ones along the way), score it when the
     solutions are known; returns the report."""
     from tqdm import tqdm
 
     from arc_dataset import load_tasks
-    from submission import SubmissionBuilder, score_submission, write_submission
+    from submission import SubmissionBuilder, write_submission
     from training import resolve_device, resolve_precision
 
     started = time.monotonic()
@@ -529,27 +559,21 @@ def run_prediction(settings: PredictSettings) -> dict[str, Any]:
     print(f"model: {described}; data: {taskset.description}; {len(tasks)} tasks, "
           f"{sum(counts.values())} test inputs; {views} view(s), scoring by {settings.score}; device {device}, "
           f"{precision.name}" + (f"; time budget {settings.time_budget:.0f} s" if deadline else ""), file=sys.stderr)
+    pacer = TaskPacer(views, deadline, len(tasks), settings.task_cap)
     per_task: dict[str, dict[str, Any]] = {}
     reduced, timed_out, skipped = [], [], []
-    seconds_per_row: float | None = None     # measured: seconds per (view x test input)
     last_save = time.monotonic()
     bar = tqdm(tasks, desc="Predicting", unit="task", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     for done, task in enumerate(bar):
         samples = evaluation_samples([task])
-        k, task_deadline = views, deadline
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                skipped.append(task.task_id)
-                per_task[task.task_id] = {"views": 0, "seconds": 0.0, "fallback": True}
-                continue
-            share = left / (len(tasks) - done)
-            cap = settings.task_cap if settings.task_cap is not None else 3 * share
-            task_deadline = min(deadline, time.monotonic() + cap)
-            if seconds_per_row is not None:
-                k = max(1, min(views, int(share / (seconds_per_row * len(samples)))))
-            if k < views:
-                reduced.append(task.task_id)
+        paced = pacer.next_task(done, len(samples))
+        if paced is None:
+            skipped.append(task.task_id)
+            per_task[task.task_id] = {"views": 0, "seconds": 0.0, "fallback": True}
+            continue
+        k, task_deadline = paced
+        if k < views:
+            reduced.append(task.task_id)
         stop = (lambda: time.monotonic() > task_deadline) if task_deadline is not None else None
         tick = time.perf_counter()
         predictions = predict_samples(model, samples, views=k, max_length=settings.max_length, precision=precision,
@@ -557,8 +581,7 @@ def run_prediction(settings: PredictSettings) -> dict[str, Any]:
         seconds = time.perf_counter() - tick
         if stop is not None and stop():
             timed_out.append(task.task_id)
-        rate = seconds / (k * len(samples))
-        seconds_per_row = rate if seconds_per_row is None else 0.7 * seconds_per_row + 0.3 * rate
+        pacer.record(seconds, k * len(samples))
         for p in predictions:
             builder.add(task.task_id, p.sample.index, p.attempts)
         per_task[task.task_id] = {"views": k, "seconds": round(seconds, 3),
@@ -570,26 +593,37 @@ def run_prediction(settings: PredictSettings) -> dict[str, Any]:
     bar.close()
     content = builder.submission()
     write_submission(settings.submission, content, counts)
-    seconds_total = time.monotonic() - started
     timed = [v["seconds"] for v in per_task.values() if v.get("views")]
     report: dict[str, Any] = {
         "submission": str(settings.submission), "model": described, "data": taskset.description,
         "tasks": len(expected), "test_inputs": sum(counts.values()), "invalid_tasks": len(taskset.skipped),
         "views": views, "score_by": settings.score, "seed": settings.seed, "device": str(device),
-        "precision": precision.name, "time_budget_seconds": settings.time_budget, "seconds": round(seconds_total, 2),
+        "precision": precision.name, "time_budget_seconds": settings.time_budget,
+        "seconds": round(time.monotonic() - started, 2),
         "seconds_per_task_mean": round(float(np.mean(timed)), 3) if timed else None,
         "fallback_inputs": builder.no_candidate + builder.missing(),  # missing: invalid or skipped tasks
         "fallback_second_attempts": builder.one_candidate,
         "tasks_with_fewer_views": len(reduced), "tasks_cut_by_time": len(timed_out),
         "tasks_skipped_for_time": len(skipped), "per_task": per_task,
     }
+    _finish_report(report, content, tasks, settings)
+    return report
+
+
+def _finish_report(report: dict[str, Any], content: dict[str, Any], tasks: Sequence[Task],
+                   settings: PredictSettings) -> None:
+    """Print what was written and what the time budget cut, score the submission where the solutions are
+    known (adding the scores to `report`), and write the JSON report (--json)."""
+    from submission import score_submission
+
     print(f"wrote {settings.submission}: {report['tasks']} tasks, {report['test_inputs']} test inputs in "
-          f"{seconds_total:.0f} s ({report['seconds_per_task_mean']} s per task); fallback answers: "
+          f"{report['seconds']:.0f} s ({report['seconds_per_task_mean']} s per task); fallback answers: "
           f"{report['fallback_inputs']} test inputs, {report['fallback_second_attempts']} second attempts",
           file=sys.stderr)
-    if reduced or timed_out or skipped:
-        print(f"time budget: {len(reduced)} tasks decoded with fewer than {views} views, {len(timed_out)} cut "
-              f"off at their cap, {len(skipped)} given the fallback (no time left)", file=sys.stderr)
+    cut = (report["tasks_with_fewer_views"], report["tasks_cut_by_time"], report["tasks_skipped_for_time"])
+    if any(cut):
+        print(f"time budget: {cut[0]} tasks decoded with fewer than {report['views']} views, {cut[1]} cut "
+              f"off at their cap, {cut[2]} given the fallback (no time left)", file=sys.stderr)
     solutions = {t.task_id: [out for _, out in t.test] for t in tasks_with_answers(tasks)}
     if solutions:
         scored = score_submission(content, solutions)
@@ -601,7 +635,6 @@ def run_prediction(settings: PredictSettings) -> dict[str, Any]:
     if settings.json_path is not None:
         from atomic_io import write_text_atomic
         write_text_atomic(settings.json_path, json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

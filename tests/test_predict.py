@@ -258,6 +258,22 @@ def _one_line_error(capsys, argv) -> str:
     return err
 
 
+def test_the_pacer_shares_the_time_left_and_gives_fewer_views_when_rows_run_slow(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(evaluation.time, "monotonic", lambda: now[0])
+    assert evaluation.TaskPacer(8, None, 10).next_task(0, 2) == (8, None)   # no budget: every view, no deadline
+    pacer = evaluation.TaskPacer(8, deadline=1100.0, tasks=10)
+    assert pacer.next_task(0, 1) == (8, 1030.0)         # 100 s left over 10 tasks: a 10 s share, capped at 3x it
+    pacer.record(seconds=8.0, rows=8 * 1)                # 1 s per row (view x test input)
+    now[0] = 1010.0
+    assert pacer.next_task(1, 2) == (5, 1040.0)           # a 10 s share of 2 inputs at 1 s a row: 5 views
+    pacer.record(seconds=30.0, rows=5 * 2)               # 3 s a row: the running mean moves 30% of the way
+    assert pacer.seconds_per_row == pytest.approx(0.7 * 1.0 + 0.3 * 3.0)
+    assert evaluation.TaskPacer(8, 1100.0, 10, task_cap=4.0).next_task(0, 1) == (8, 1014.0)   # --task-cap
+    now[0] = 1100.0
+    assert pacer.next_task(2, 1) is None                  # no time left: the fallback answers
+
+
 def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     _, folder, _ = trained
     challenges = _kaggle_files(tmp_path, "x", _tasks(1, 1, seed=1), solutions=False)
