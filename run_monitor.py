@@ -275,6 +275,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def plotting() -> tuple[Any, Any]:
+    """matplotlib's Figure and MaxNLocator, imported at the first redraw (no pyplot: no GUI backend, no global
+    state). The import is that redraw's one-off cost; the benchmark times it alone."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    return Figure, MaxNLocator
+
+
 def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Loss and eval accuracy (greedy, and the voted pass@2 when evaluation used several views) against the
     optimizer step, epoch ends marked, as a PNG.
@@ -283,9 +292,7 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path | None:
     --max-batches, a share of the data's epoch the log does not record), so "epoch 0.5-1.0" would misstate a
     100-batch smoke run. Points carry markers while there are few of them, so a resumed run's first line shows.
     """
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-    from matplotlib.ticker import MaxNLocator
-
+    Figure, MaxNLocator = plotting()
     steps = [r for r in records if r.get("kind") == "step" and math.isfinite(r.get("loss", math.nan))]
     epochs = [r for r in records if r.get("kind") == "epoch" and math.isfinite(r.get("loss", math.nan))]
     evals = [r for r in records if r.get("eval_accuracy") is not None]

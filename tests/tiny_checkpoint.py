@@ -1,5 +1,5 @@
-"""A small but complete checkpoint, laid out as the trainer's `_save_now` writes one, for tests that
-tamper with its fields: a Linear model, AdamW after one step, its LambdaLR, TrainStep counters, RNG, loop."""
+"""A small but complete checkpoint, laid out as the trainer writes one (checkpointing.training_state), for
+tests that tamper with its fields: a Linear model, AdamW after one step, its LambdaLR, TrainStep counters, RNG, loop."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from checkpointing import capture_rng_state, model_state
+from checkpointing import training_state
 
 
 @dataclasses.dataclass
@@ -42,16 +42,11 @@ def full_state(value: float = 1.0, step: int = 3) -> tuple[dict[str, Any], dict[
     scheduler.step()
     with torch.no_grad():
         model.weight.fill_(value)
-    state = {
-        "model": model_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "train_step": {"scaler": {}, "micro_steps": step, "optimizer_steps": step, "skipped_steps": 0},
-        "rng": capture_rng_state(),
-        "loop": dataclasses.asdict(Loop(epoch=0, batch=step, step=step, epoch_seconds=1.5,
-                                        epoch_samples=["a/0"])),
-        "grads": None,
-    }
+    # The trainer's layout (checkpointing.training_state); a Linear has no TrainStep, so its counters are given.
+    state = training_state(model, optimizer, scheduler,
+                           loop=dataclasses.asdict(Loop(epoch=0, batch=step, step=step, epoch_seconds=1.5,
+                                                        epoch_samples=["a/0"])))
+    state["train_step"] = {"scaler": {}, "micro_steps": step, "optimizer_steps": step, "skipped_steps": 0}
     meta = {"step": step, "epoch": 0, "batch": step, "reason": "step", "saved_at": "2026-12-01T00:00:00",
             "epochs": 1, "args": {"lr": 1e-3, "epochs": 1}, "model_config": {"hidden_size": 4},
             "vocabulary": list("0123456789"), "device": {"name": "cpu"}, "precision": "fp32",
