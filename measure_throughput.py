@@ -539,9 +539,9 @@ def _time_files(s: Setup) -> FileCosts:
             plot_import = run_costs.time_call(plotting)
             plot_seconds = run_costs.time_call(lambda: plot_metrics(records, Path(folder) / "plot.png"))
     saves, plot_seconds, plot_import = s.ctx.broadcast_object((saves, plot_seconds, plot_import))
-    # Each later epoch's samples are drawn and encoded before its first step (epoch 0's were, in the start-up);
-    # without augmentation every epoch is epoch 0's, and this costs nothing, as in the run.
-    epoch_data = run_costs.time_call(lambda: s.data.encoded(1))
+    # Each later epoch's samples are drawn, encoded and put in batches before its first step (epoch 0's were, in
+    # the start-up); without augmentation every epoch's samples are epoch 0's, and only the shuffle is left.
+    epoch_data = run_costs.time_call(lambda: (s.data.encoded(1), s.data.batch_plan(1)))
     spent = saves.checkpoint_seconds + saves.final_save_seconds + plot_seconds + plot_import + epoch_data
     return FileCosts(saves, plot_seconds, plot_import, epoch_data, spent)
 

@@ -225,7 +225,7 @@ def make_plan(args: argparse.Namespace, data: Any, ctx: distributed.DistributedC
         output_dir = resume_from.parent.parent
     else:  # rank 0's clock names the run (the ranks may start a second apart)
         output_dir = Path(ctx.broadcast_object(str(RUNS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S"))))
-    tokens_per_batch = sum(len(e) for e in data.encoded(0)) / data.num_batches(0)
+    tokens_per_batch = float(data.lengths(0).sum()) / data.num_batches(0)  # without encoding epoch 0
     deadline = started + args.time_budget if args.time_budget else None
     return RunPlan(int(epochs), max_batches, epoch_batches, total_steps, tokens_per_batch, output_dir, evaluation,
                    deadline)

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import run_plan
@@ -61,8 +62,8 @@ class FakeData:
     def num_batches(self, epoch: int) -> int:
         return 10
 
-    def encoded(self, epoch: int) -> list[list[int]]:
-        return [[0] * 5] * 10
+    def lengths(self, epoch: int) -> np.ndarray:
+        return np.full(10, 5)
 
 
 def _args(**changes) -> argparse.Namespace:
