@@ -1097,6 +1097,11 @@ class TrainingData:
                 self._batch_counts[epoch] = -(-len(self.lengths(epoch)) // self.settings.batch_size)
         return self._batch_counts[epoch]
 
+    def prepare(self, epoch: int) -> tuple[list[EncodedSample], list[list[int]]]:
+        """What a run builds before an epoch's first step: its encoded samples and its batch plan (the
+        benchmark times this call as the run's per-epoch preparation)."""
+        return self.encoded(epoch), self.batch_plan(epoch)
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The epoch's batches from batch index `start` (to resume mid-epoch exactly)."""
         encoded = self.encoded(epoch)

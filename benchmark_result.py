@@ -101,7 +101,7 @@ class RunCostsInfo:
     prediction_views: int = 1       # --views for the prediction projection
     prediction_seconds_per_task: float | None = None  # evaluation.py --submission, per task, at --views
     first_plot_extra_seconds: float = 0.0   # the first redraw's one-off (importing matplotlib), beyond plot_seconds
-    epoch_data_seconds: float = 0.0         # preparing one epoch's samples (augmentation, encoding)
+    epoch_data_seconds: float = 0.0         # preparing one later epoch's samples (augmentation, encoding, batches)
 
 
 @dataclass(frozen=True)

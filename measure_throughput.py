@@ -484,8 +484,7 @@ def measure_run_costs(s: Setup, timings: Timings, projection: report.EpochProjec
                + max(0.0, timings.warmup_seconds - steady(timings.warmup_shapes)))
     so_far = time.monotonic() - s.process_started
     files = _time_files(s)
-    spent = files.spent
-    eval_cost, fitted, spent = _time_evaluation(s, so_far, spent)
+    eval_cost, fitted, spent = _time_evaluation(s, so_far, files.spent)
     prediction, spent = _time_prediction(s, fitted, so_far, spent)
     saves = files.saves
     costs = run_budget.RunCosts(
@@ -517,7 +516,7 @@ class FileCosts:
     saves: Any                 # run_costs.SaveTimes
     plot_seconds: float        # one redraw
     first_plot_extra: float    # the first redraw's one-off (importing matplotlib, its font cache)
-    epoch_data: float          # drawing and encoding a later epoch's samples
+    epoch_data: float          # drawing, encoding and batching a later epoch's samples
     spent: float               # what timing them took
 
 
@@ -541,7 +540,7 @@ def _time_files(s: Setup) -> FileCosts:
     saves, plot_seconds, plot_import = s.ctx.broadcast_object((saves, plot_seconds, plot_import))
     # Each later epoch's samples are drawn, encoded and put in batches before its first step (epoch 0's were, in
     # the start-up); without augmentation every epoch's samples are epoch 0's, and only the shuffle is left.
-    epoch_data = run_costs.time_call(lambda: (s.data.encoded(1), s.data.batch_plan(1)))
+    epoch_data = run_costs.time_call(lambda: s.data.prepare(1))
     spent = saves.checkpoint_seconds + saves.final_save_seconds + plot_seconds + plot_import + epoch_data
     return FileCosts(saves, plot_seconds, plot_import, epoch_data, spent)
 
@@ -561,8 +560,9 @@ def _time_evaluation(s: Setup, so_far: float, spent: float) -> tuple[EvaluationC
     measured = _decode_timed(s, batches, run_costs.measurement_allowance(so_far, spent), "Timing evaluation")
     scoring = run_costs.scoring_seconds(batches, measured.model)
     seconds = measured.pass_seconds + scoring
+    error = measured.expected_error * measured.pass_seconds / seconds if seconds else 0.0  # of the pass with scoring
     cost = EvaluationCost(
-        pass_seconds=seconds, expected_error=measured.expected_error * measured.pass_seconds / seconds if seconds else 0.0,
+        pass_seconds=seconds, expected_error=error,
         inputs=measured.inputs, batches=measured.batches, timed_batches=len(measured.timed),
         timed_seconds=math.fsum(measured.timed.values()), spent_seconds=measured.spent_seconds,
         heldout_error=measured.heldout_error, cost_model=measured.model.as_json(), scoring_seconds=scoring)

@@ -64,7 +64,7 @@ class RunCosts:
     memory probe), plus the one-off extra of the first steps (compiling under --compile).
     `epoch_seconds`: the projected wall time of one epoch's training steps, `batches_per_epoch` batches;
     `epoch_data_seconds`: preparing an epoch's samples before its first step (drawing the augmentation,
-    encoding), which the run counts as training too; epoch 0's is part of the start-up.
+    encoding, batching), which the run counts as training too; epoch 0's is part of the start-up.
     `eval_pass_seconds`: one evaluation pass over the evaluation set at the run's settings (0: evaluation off).
     `checkpoint_seconds`: one checkpoint write; `final_save_seconds`: one `model.save_model`;
     `plot_seconds`: one redraw of training_curves.png (each epoch end and at the end);

@@ -21,21 +21,21 @@ timing the training steps, the trainer can measure its own start-up the same way
     `startup_seconds` adds the one-off extra of the first steps (compiling) to it.
 
 The benchmark's own added time. `measurement_allowance` keeps the added measurements (saves, then
-evaluation) under a share (9%, so that it stays under 10%) of the benchmark's total: the saves are timed first (one of each is the
-least that measures them), and evaluation gets what is left; it times the cheapest batch of the typical row count first, then batches
-spread over the pass (median, longest, shortest, quartiles, ...), each only if its predicted time fits what
-remains.
+evaluation) under a share (9%, so that it stays under 10%) of the benchmark's total: the saves are timed
+first (one of each is the least that measures them), and evaluation gets what is left; it times the cheapest
+batch of the typical row count first, then batches spread over the pass (median, longest, shortest,
+quartiles, ...), each only if its predicted time fits what remains.
 """
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -352,8 +352,8 @@ def measure_evaluation(model: torch.nn.Module, batches: Sequence[EvalBatch], *, 
                        desc: str = "Timing evaluation") -> EvalMeasurement:
     """Time real decoding of a sample of `batches` (evaluation_pass) within `time_limit` seconds and project
     one pass. The first batch of `sampling_order` is always timed (after an untimed warm-up decode in its
-    shape, so one-off costs do not enter the fit); every further batch in `sampling_order` is timed only if its predicted seconds fit
-    what is left of the limit. `clock` replaces the real decode (tests)."""
+    shape, so one-off costs do not enter the fit); every further one is timed only if its predicted seconds
+    fit what is left of the limit. `clock` replaces the real decode (tests)."""
     if not batches:
         raise ValueError("no evaluation batches")
     clock = clock or (lambda b: time_decode(model, b, precision))

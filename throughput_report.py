@@ -649,8 +649,8 @@ def _run_cost_lines(result: BenchmarkResult) -> list[str]:
              f"  start-up     {shown(costs.startup_seconds)} (process start to the first step: loading, data, "
              f"model{compiled}, the first steps' one-off cost)"]
     if costs.epoch_data_seconds > 0:
-        lines.append(f"  epoch data   {shown(costs.epoch_data_seconds)} per later epoch (drawing its augmentation and "
-                     f"encoding its samples; planned as training)")
+        lines.append(f"  epoch data   {shown(costs.epoch_data_seconds)} per later epoch (drawing its augmentation, "
+                     f"encoding and batching its samples; planned as training)")
     evaluation = costs.evaluation
     if evaluation is None:
         lines.append("  evaluation   off (--eval-tasks 0)")
@@ -665,7 +665,8 @@ def _run_cost_lines(result: BenchmarkResult) -> list[str]:
                      f"the fitted cost; expected error ±{evaluation.expected_error:.0%}")
     lines.append(f"  checkpoints  {shown(costs.checkpoint_seconds)} per write ({format_bytes(costs.checkpoint_bytes)}), "
                  f"final model {shown(costs.final_save_seconds)} ({format_bytes(costs.final_save_bytes)}), plot "
-                 f"{shown(costs.plot_seconds)} (the first {shown(costs.plot_seconds + costs.first_plot_extra_seconds)})")
+                 f"{shown(costs.plot_seconds)} (the first "
+                 f"{shown(costs.plot_seconds + costs.first_plot_extra_seconds)})")
     if costs.prediction_seconds_per_task is not None:
         lines.append(f"  prediction   {shown(costs.prediction_seconds_per_task)} per task with {costs.prediction_views} "
                      f"view{'' if costs.prediction_views == 1 else 's'} (evaluation.py --submission; the evaluation "

@@ -562,9 +562,9 @@ class TrainLoop:
         loop, epoch = self.state, self.state.epoch
         prepared_from = time.perf_counter()
         total = self.plan.epoch_batches[epoch]
-        encoded = self.data.encoded(epoch)
+        encoded, batch_plan = self.data.prepare(epoch)
         # This rank's batches (all of them with one process); the plan is the same on every rank.
-        mine = distributed.shard_batch_plan(self.data.batch_plan(epoch), self.ctx.rank, self.ctx.world_size)[:total]
+        mine = distributed.shard_batch_plan(batch_plan, self.ctx.rank, self.ctx.world_size)[:total]
         tokens = [sum(len(encoded[i]) for i in indices) for indices in mine]
         remaining_tokens = sum(tokens[loop.batch:total])
         batches = (self.data.collate([encoded[i] for i in indices]) for indices in mine[loop.batch:])

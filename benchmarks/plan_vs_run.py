@@ -72,7 +72,8 @@ def compare(budgets: list[str], settings: list[str], work: Path, bench_flags: tu
         result = work / f"bench-{k}-{budget}.json"
         run("measure_throughput.py", *settings, *bench_flags, "--time-budget", budget, "--max-useful-epochs", "1000",
             "--json", str(result), cwd=work, threads=threads)
-        row = next(r for r in json.loads(result.read_text())["recommendations"] if r["source"] == "--time-budget")
+        before = json.loads(result.read_text())
+        row = next(r for r in before["recommendations"] if r["source"] == "--time-budget")
         folder = work / f"run-{k}-{budget}"
         out = run("trainloop_gpu_finetuned.py", *settings, "--epochs", "auto", "--time-budget", budget,
                   "--throughput-json", str(result), "--output-dir", str(folder), cwd=work, threads=threads)
@@ -88,7 +89,7 @@ def compare(budgets: list[str], settings: list[str], work: Path, bench_flags: tu
             plan = row["breakdown"][part]
             print(f"    {part:<12} planned {plan:7.1f} s, measured {seconds:7.1f} s"
                   + (f" ({seconds / plan - 1:+.1%})" if plan else ""))
-        bench = json.loads(result.read_text())["run_costs"]
+        bench = before["run_costs"]
         print(f"    the benchmark's added measurements: {bench['added_share']:.1%} of its "
               f"{bench['benchmark_seconds']:.1f} s")
         # The host's own drift: the same benchmark again right after the run (a shared machine's speed moves
@@ -97,9 +98,9 @@ def compare(budgets: list[str], settings: list[str], work: Path, bench_flags: tu
         run("measure_throughput.py", *settings, *bench_flags, "--eval-tasks", "0", "--json", str(after), cwd=work,
             threads=threads)
         per_batch = [r["epoch_seconds"] / r["batches_per_epoch"] * 1000
-                     for r in (json.loads(result.read_text()), json.loads(after.read_text()))]
+                     for r in (before, json.loads(after.read_text()))]
         # the run's training part also prepares each later epoch (planned apart, as epoch_data_seconds)
-        preparing = max(0, epochs - 1) * json.loads(result.read_text())["run_costs"]["epoch_data_seconds"]
+        preparing = max(0, epochs - 1) * bench["epoch_data_seconds"]
         trained = (record["breakdown"]["training"] - preparing) / max(1, record["counts"]["batches"]) * 1000
         print(f"    ms per batch: benchmark before the run {per_batch[0]:.1f}, during the run {trained:.1f} "
               f"({trained / per_batch[0] - 1:+.1%}), benchmark after it {per_batch[1]:.1f} "
